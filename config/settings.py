@@ -1,0 +1,126 @@
+"""One settings object for the whole project, read once from the environment and `.env`.
+
+Nothing here is global: `Settings.from_env()` builds a frozen dataclass that the caller passes
+down (to the bot, to the inference service, to the CLI).  Every field has an environment
+variable of the same name in upper case (`command_prefix` ← `COMMAND_PREFIX`), except the token,
+which is `DISCORD_TOKEN`.  Values in the real environment win over values in `.env`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from dotenv import dotenv_values
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def default_weights_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("discord-vision-bot")) / "weights"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Discord ---------------------------------------------------------------------------
+    #: The bot token.  `repr=False` keeps it out of logs and tracebacks that print settings.
+    discord_token: str | None = field(default=None, repr=False)
+    command_prefix: str = "!"
+    #: Channel ids the bot answers in; empty means everywhere it can read.
+    allowed_channels: frozenset[int] = frozenset()
+    #: At most this many attachments of one message are answered.
+    max_images_per_message: int = 3
+    #: Seconds a user waits between two heavy commands (zebra, caption); 0 turns it off.
+    heavy_command_cooldown_s: float = 10.0
+    #: Image URLs: https only unless this is set.
+    allow_http_urls: bool = False
+    url_timeout_s: float = 10.0
+
+    # --- Models ----------------------------------------------------------------------------
+    classifier: str = "efficientnet_lite0"
+    zebra_model: str = "horse2zebra"
+    #: Short side of the image the CycleGAN generator works at.
+    zebra_size: int = 256
+    #: Longest side of the image the captioner's encoder sees.
+    caption_size: int = 512
+    #: Beam width of the captioner; 1 is greedy decoding.
+    caption_beam: int = 3
+    #: Where downloaded weights live.
+    weights_dir: Path = field(default_factory=default_weights_dir)
+    #: Download missing weights on first use (otherwise: a clear error naming the command).
+    auto_download: bool = False
+    #: Trust Torch Hub repositories named as `hub:OWNER/REPO:ENTRY` (they run their own code).
+    trust_hub_repos: bool = False
+
+    # --- Images ----------------------------------------------------------------------------
+    max_image_bytes: int = 25 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+
+    # --- Worker queue ----------------------------------------------------------------------
+    #: "auto" picks CUDA when present, else the CPU; or any torch device string.
+    device: str = "auto"
+    #: Threads each worker process gives torch; 0 means one per available core.
+    torch_threads: int = 0
+    max_batch_size: int = 8
+    max_batch_wait_ms: float = 5.0
+    #: Requests waiting (not yet running) across all models before new ones get `Busy`.
+    max_queue_size: int = 64
+    #: Requests one user may have waiting or running at once.
+    max_pending_per_user: int = 3
+    request_timeout_s: float = 120.0
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        env_file: str | os.PathLike[str] | None = ".env",
+        **overrides: Any,
+    ) -> Settings:
+        """Read settings from `env_file` (if it exists) overlaid by `environ` (default: os.environ)."""
+        values: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            variable = "DISCORD_TOKEN" if f.name == "discord_token" else f.name.upper()
+            raw = values.get(variable)
+            if raw is None or raw.strip() == "":
+                continue
+            kwargs[f.name] = _parse(variable, raw.strip(), f.type)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(variable: str, raw: str, type_name: Any) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            lowered = raw.lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+        if kind == "frozenset[int]":
+            return frozenset(int(part) for part in raw.replace(",", " ").split())
+        return raw
+    except ValueError:
+        raise SettingsError(f"{variable}={raw!r} is not a valid {kind}") from None
