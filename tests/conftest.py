@@ -1,0 +1,29 @@
+"""Fixtures shared by the whole suite: the shared photos and generated checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+IMAGES = SHARED / "data" / "images"
+
+
+@pytest.fixture(scope="session")
+def bobby_jpg() -> bytes:
+    return (IMAGES / "bobby.jpg").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def horse_jpg() -> bytes:
+    return (IMAGES / "horse.jpg").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def generated_weights_dir(tmp_path_factory) -> Path:
+    """A weights directory holding generated checkpoints in the exact published layouts."""
+    from tests.checkpoints import populate_weights_dir
+
+    return populate_weights_dir(tmp_path_factory.mktemp("weights"))
