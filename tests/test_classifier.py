@@ -146,3 +146,18 @@ def test_github_hub_repos_need_trust():
 def test_unknown_classifiers_are_refused(name):
     with pytest.raises(ModelUnavailable):
         load_classifier(name, CPU)
+
+
+def test_weights_download_accepts_torchvision_names(torch_home, resnet101_state, capsys):
+    import argparse
+
+    from config import Settings
+    from inference import weights
+
+    url = torchvision.models.ResNet101_Weights.DEFAULT.url
+    torch.save(resnet101_state, torch_home / Path(url).name)  # already cached: nothing is fetched
+    parser = argparse.ArgumentParser()
+    weights.add_cli(parser.add_subparsers())
+    args = parser.parse_args(["weights", "download", "resnet101"])
+    assert args.handler(args, Settings()) == 0
+    assert str(torch_home / Path(url).name) in capsys.readouterr().out

@@ -136,25 +136,38 @@ def _load_efficientnet_lite0(name: str, source: ClassifierSource, device: torch.
     )
 
 
+def torchvision_checkpoint(name: str) -> tuple[str, Path]:
+    """(URL, cache path) of a torchvision classifier's default weights."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    return weights.url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def download_torchvision_weights(name: str, *, progress: bool = True) -> Path:
+    """Fetch into torchvision's cache; torchvision checks the hash its file name carries."""
+    url, cached = torchvision_checkpoint(name)
+    try:
+        torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True)
+    except Exception as error:
+        raise WeightsMissing(
+            f"Could not download the weights of {name} ({_first_line(error)}); put {url} at {cached}.",
+            str(cached),
+            url,
+        ) from None
+    return cached
+
+
 def _load_torchvision(name: str, source: ClassifierSource, device: torch.device) -> ClassifierPipeline:
     weights = torchvision.models.get_model_weights(name).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    url, cached = torchvision_checkpoint(name)
     if not cached.is_file():
         if not source.auto_download:
             raise WeightsMissing(
                 f"The weights of {name} are not downloaded: run `python -m inference weights download {name}` "
-                f"or put {weights.url} at {cached}.",
+                f"or put {url} at {cached}.",
                 str(cached),
-                weights.url,
+                url,
             )
-        try:
-            torch.hub.download_url_to_file(weights.url, str(cached), progress=source.progress)
-        except Exception as error:
-            raise WeightsMissing(
-                f"Could not download the weights of {name} ({error}); put {weights.url} at {cached}.",
-                str(cached),
-                weights.url,
-            ) from None
+        download_torchvision_weights(name, progress=source.progress)
     # torchvision's own loader unpickles without `weights_only`; check the file with the safe
     # unpickler first (memory-mapped, so nothing is read twice) and let the builder load it.
     load_state_dict_file(cached, mmap=True)
@@ -193,8 +206,8 @@ def _parse_hub_name(name: str) -> tuple[str, str, str]:
     return prefix, repo, entry
 
 
-def classifier_names() -> list[str]:
-    return [DEFAULT_CLASSIFIER, *torchvision.models.list_models(module=torchvision.models)]
+def is_torchvision_classifier(name: str) -> bool:
+    return name in torchvision.models.list_models(module=torchvision.models)
 
 
 def load_classifier(name: str, device: torch.device, source: ClassifierSource = ClassifierSource()) -> ClassifierPipeline:
@@ -203,7 +216,7 @@ def load_classifier(name: str, device: torch.device, source: ClassifierSource = 
         return _load_efficientnet_lite0(name, source, device)
     if name.startswith("hub:"):
         return _load_hub(name, source, device)
-    if name in torchvision.models.list_models(module=torchvision.models):
+    if is_torchvision_classifier(name):
         return _load_torchvision(name, source, device)
     raise ModelUnavailable(
         f"Unknown classifier {name!r}: use {DEFAULT_CLASSIFIER}, a torchvision classification model "
