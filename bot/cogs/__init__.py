@@ -1,0 +1,1 @@
+"""One cog per feature area: `vision` (the model commands), `info` (help, models)."""

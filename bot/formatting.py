@@ -1,0 +1,162 @@
+"""How answers look: the classification embed with bars, captions, zebra files within the
+upload limit, queue positions, help and model status.  Pure functions of their inputs."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import discord
+from PIL import Image
+
+from inference.pipeline import Prediction
+from inference.service import ModelState
+from inference.weights import DOWNLOAD_COMMAND, ModelWeightsStatus
+
+#: What Discord lets a bot upload where nothing says otherwise (DMs, unboosted servers).
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+BAR_WIDTH = 16
+EMBED_COLOUR = discord.Colour.blurple()
+_FULL, _EMPTY = "█", "░"
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+_STATE_ICONS = {"ready": "🟢", "loading": "🟡", "idle": "⚪", "unavailable": "🔴"}
+
+
+def probability_bar(percent: float, width: int = BAR_WIDTH) -> str:
+    """A fixed-width bar for 0–100 %, in eighths of a character so small differences show."""
+    percent = min(max(percent, 0.0), 100.0)
+    eighths = round(percent / 100 * width * 8)
+    full, part = divmod(eighths, 8)
+    bar = _FULL * full + (_EIGHTHS[part] if part else "")
+    return bar + _EMPTY * (width - len(bar))
+
+
+def classification_embed(
+    predictions: Sequence[Prediction], *, source: str, model: str, spoiler: bool = False
+) -> discord.Embed:
+    """Top predictions as aligned bars in a code block (hidden behind a spoiler if asked)."""
+    if spoiler:
+        lines = [f"||{p.label} — {p.probability:.1f} %||" for p in predictions]
+        description = "\n".join(lines)
+    else:
+        name_width = max((len(p.label) for p in predictions), default=0)
+        rows = [
+            f"{probability_bar(p.probability)} {p.probability:5.1f} %  {p.label:<{name_width}}"
+            for p in predictions
+        ]
+        description = "```\n" + "\n".join(rows) + "\n```"
+    embed = discord.Embed(title=f"What's in {_short(source)}?", description=description, colour=EMBED_COLOUR)
+    if predictions and not spoiler:
+        best = predictions[0]
+        embed.add_field(name="Best guess", value=f"**{best.label}** ({best.probability:.1f} %)")
+    embed.set_footer(text=f"ImageNet classifier: {model}")
+    return embed
+
+
+def caption_message(caption: str, *, source: str, spoiler: bool = False) -> str:
+    text = caption.strip() or "(the captioner had nothing to say)"
+    if spoiler:
+        text = f"||{text}||"
+    return f"📝 {_short(source)}: {text}"
+
+
+def zebra_message(source: str) -> str:
+    return f"🦓 {_short(source)}, zebra-fied"
+
+
+def queue_message(ahead: int) -> str:
+    waiting = "1 request" if ahead == 1 else f"{ahead} requests"
+    return f"⏳ You're in line: {waiting} ahead of yours. This message will show the result."
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return _clip(text, limit)
+
+
+# --- files within the upload limit ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    extension: str  # "png" or "jpg"
+
+
+def fit_upload(png: bytes, limit: int) -> EncodedImage:
+    """`png` as is when it fits in `limit` bytes; otherwise JPEG, scaled down until it fits.
+
+    CPU work on a whole image: call it in a thread, not on the event loop.
+    """
+    if len(png) <= limit:
+        return EncodedImage(png, "png")
+    with Image.open(io.BytesIO(png)) as opened:
+        image = opened.convert("RGB")
+    scale = 1.0
+    for _attempt in range(8):
+        resized = image if scale == 1.0 else image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+            Image.Resampling.LANCZOS,
+        )
+        buffer = io.BytesIO()
+        resized.save(buffer, format="JPEG", quality=88, optimize=True)
+        if buffer.tell() <= limit:
+            return EncodedImage(buffer.getvalue(), "jpg")
+        # JPEG size grows about with the pixel count: shrink both sides by the square root of
+        # how much too large it is, with a margin so this rarely takes more than two tries.
+        scale *= min(0.9, math.sqrt(limit / buffer.tell()) * 0.95)
+    raise ValueError(f"cannot encode the image within {limit} bytes")
+
+
+def upload_limit(guild: discord.Guild | None) -> int:
+    return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+
+
+def image_file(encoded: EncodedImage, *, stem: str, spoiler: bool) -> discord.File:
+    # discord.py prefixes SPOILER_ to the name when spoiler=True; that is what Discord reads.
+    return discord.File(io.BytesIO(encoded.data), filename=f"{stem}.{encoded.extension}", spoiler=spoiler)
+
+
+# --- help and models -------------------------------------------------------------------------
+
+
+def help_embed(prefix: str) -> discord.Embed:
+    embed = discord.Embed(
+        title="What I can do",
+        description=(
+            "Give me a photo: **attach it**, paste an **image link**, or **reply** to a message "
+            f"that has one, then use a command — as `{prefix}command` or `/command`. "
+            "Or right-click (long-press) a message with an image → **Apps**."
+        ),
+        colour=EMBED_COLOUR,
+    )
+    embed.add_field(name="classify", value="The top 5 things in the photo (ImageNet classes).", inline=False)
+    embed.add_field(name="zebra", value="Turns horses into zebras (CycleGAN).", inline=False)
+    embed.add_field(name="caption", value="Describes the photo in a sentence.", inline=False)
+    embed.add_field(name="models", value="Which models are loaded, and what is missing.", inline=False)
+    embed.add_field(name="help", value="This message.", inline=False)
+    embed.set_footer(text="Images marked as spoilers come back as spoilers.")
+    return embed
+
+
+def models_embed(states: Sequence[ModelState], weights: Sequence[ModelWeightsStatus]) -> discord.Embed:
+    """Per task: the model, its state, and for missing weights the command that fetches them."""
+    by_name = {status.name: status for status in weights}
+    embed = discord.Embed(title="Models", colour=EMBED_COLOUR)
+    for state in states:
+        lines = [f"{_STATE_ICONS.get(state.state, '•')} `{state.model}` — {state.state}"]
+        if state.detail:
+            lines.append(state.detail)
+        status = by_name.get(state.model)
+        if status is not None and not status.complete:
+            missing = [f.file.name for f in status.files if not f.present]
+            lines.append(f"Missing: {', '.join(missing)}")
+            lines.append(f"Get it with `{DOWNLOAD_COMMAND.format(name=status.name)}` on the bot's machine.")
+        embed.add_field(name=state.task, value=_clip("\n".join(lines), 1024), inline=False)
+    embed.set_footer(text="Models load on first use; weights live in the bot's weights directory.")
+    return embed
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,318 @@
+"""`python -m inference bench`: the worker queue under load, against a naive baseline.
+
+    python -m inference bench [--task classify] [--requests 64] [--concurrency 16] [--json]
+
+Two measurements in one run, on the same inputs (the shared photos and phone-size 4000×3000
+JPEGs made from them, cycled) with the same decoding, preprocessing and torch thread count:
+
+- the service: `--concurrency` clients, each awaiting one request at a time, through
+  `InferenceService` (worker process, dynamic batching);
+- the naive baseline: one request at a time, in this process, batch size 1, run right on the
+  event loop — what a bot without a worker queue does.
+
+For each: throughput, p50/p95/p99 latency, and the largest event-loop lag seen while it ran
+(a ticker task that sleeps `LAG_TICK_S` and measures how late it wakes up).  The targets of the
+issue are checked and printed; the exit status is 0 either way (a measurement, not a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from config import Settings
+from inference.errors import InferenceError
+from inference.service import TASKS, InferenceService
+
+DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+PHONE_SIZE = (4000, 3000)
+PHONE_JPEG_QUALITY = 90
+LAG_TICK_S = 0.005
+#: Requests run before measuring, so that first-call costs (allocations, lazy init) are excluded.
+WARMUP_REQUESTS = 4
+
+
+@dataclass(frozen=True)
+class BenchInput:
+    name: str
+    data: bytes
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float  # requests per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_loop_lag_ms: float
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    task: str
+    requests: int
+    concurrency: int
+    inputs: list[str]
+    torch_threads: int
+    max_batch_size: int
+    max_batch_wait_ms: float
+    service: RunFigures
+    baseline: RunFigures
+    #: service throughput ÷ baseline throughput
+    speedup: float
+    #: 2 × concurrency ÷ service throughput, in ms: the p99 target
+    p99_limit_ms: float
+    batch_sizes: dict[int, int]
+    targets: dict[str, bool]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def add_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser("bench", help="measure the worker queue against a naive baseline")
+    parser.add_argument("--task", choices=TASKS, default="classify", help="which model (default classify)")
+    parser.add_argument("--requests", type=_positive, default=64, help="requests per run (default 64)")
+    parser.add_argument("--concurrency", type=_positive, default=16, help="concurrent clients (default 16)")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of JPEG photos")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace, settings: Settings) -> int:
+    inputs = bench_inputs(args.images)
+    report = asyncio.run(run_bench(settings, args.task, inputs, args.requests, args.concurrency))
+    print(report.to_json() if args.json else format_report(report))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def bench_inputs(folder: Path) -> list[BenchInput]:
+    """Every JPEG photo of `folder`, each followed by a phone-size 4000×3000 version of it."""
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")) if folder.is_dir() else []
+    if not photos:
+        raise InferenceError(f"No JPEG photos in {folder} to benchmark with (use --images DIR).")
+    inputs = []
+    for path in photos:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            inputs.append(BenchInput(path.name, data, size))
+            inputs.append(phone_size_jpeg(image, path.stem))
+    return inputs
+
+
+def phone_size_jpeg(image: Image.Image, stem: str) -> BenchInput:
+    size = PHONE_SIZE if image.width >= image.height else PHONE_SIZE[::-1]
+    large = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    large.save(buffer, format="JPEG", quality=PHONE_JPEG_QUALITY)
+    return BenchInput(f"{stem}-{size[0]}x{size[1]}.jpg", buffer.getvalue(), size)
+
+
+# --- measuring --------------------------------------------------------------------------------------
+
+
+class LoopLagMonitor:
+    """A ticker on the event loop: how late does a short sleep wake up, at worst?"""
+
+    def __init__(self, tick_s: float = LAG_TICK_S) -> None:
+        self.tick_s = tick_s
+        self.max_lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopLagMonitor:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.tick_s)
+            self.max_lag_s = max(self.max_lag_s, time.perf_counter() - before - self.tick_s)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (`fraction` in 0..1) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def figures(latencies: list[float], errors: int, seconds: float, max_lag_s: float) -> RunFigures:
+    done = latencies or [math.nan]
+    return RunFigures(
+        requests=len(latencies) + errors,
+        errors=errors,
+        seconds=seconds,
+        throughput=len(latencies) / seconds if seconds > 0 else math.nan,
+        p50_ms=percentile(done, 0.50) * 1000,
+        p95_ms=percentile(done, 0.95) * 1000,
+        p99_ms=percentile(done, 0.99) * 1000,
+        max_loop_lag_ms=max_lag_s * 1000,
+    )
+
+
+async def call_task(service: InferenceService, task: str, data: bytes, user: object) -> Any:
+    if task == "classify":
+        return await service.classify(data, user=user)
+    if task == "zebra":
+        return await service.zebra(data, user=user)
+    return await service.caption(data, user=user)
+
+
+async def measure_service(
+    service: InferenceService, task: str, inputs: list[BenchInput], requests: int, concurrency: int
+) -> RunFigures:
+    await service.warm_up(task)
+    for item in inputs[:WARMUP_REQUESTS]:
+        await call_task(service, task, item.data, None)
+    numbers = iter(range(requests))
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(client_id: int) -> None:
+        nonlocal errors
+        for number in numbers:  # shared iterator: each request is taken by exactly one client
+            data = inputs[number % len(inputs)].data
+            started = time.perf_counter()
+            try:
+                await call_task(service, task, data, f"client-{client_id}")
+            except InferenceError:
+                errors += 1
+            else:
+                latencies.append(time.perf_counter() - started)
+
+    async with LoopLagMonitor() as monitor:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return figures(latencies, errors, seconds, monitor.max_lag_s)
+
+
+async def measure_baseline(settings: Settings, task: str, inputs: list[BenchInput], requests: int) -> RunFigures:
+    """One request at a time, in this process, batch size 1, on the event loop: the naive bot."""
+    import torch
+
+    from inference.images import ImageLimits, decode_image
+    from inference.registry import load_pipeline, resolve_device
+    from inference.worker import worker_threads
+
+    torch.set_num_threads(worker_threads(settings))
+    pipeline = load_pipeline(task, settings, resolve_device(settings.device))
+    limits = ImageLimits.from_settings(settings)
+
+    def handle(data: bytes) -> Any:
+        image = decode_image(data, limits, draft_size=pipeline.draft_size)
+        return pipeline.run([pipeline.preprocess(image)], [{}])[0]
+
+    for item in inputs[:WARMUP_REQUESTS]:
+        handle(item.data)
+    latencies: list[float] = []
+    errors = 0
+    async with LoopLagMonitor() as monitor:
+        started = time.perf_counter()
+        for item in itertools.islice(itertools.cycle(inputs), requests):
+            began = time.perf_counter()
+            try:
+                handle(item.data)
+            except InferenceError:
+                errors += 1
+            else:
+                latencies.append(time.perf_counter() - began)
+            await asyncio.sleep(0)  # lets the ticker see how long the loop was blocked
+        seconds = time.perf_counter() - started
+    return figures(latencies, errors, seconds, monitor.max_lag_s)
+
+
+async def run_bench(
+    settings: Settings, task: str, inputs: list[BenchInput], requests: int, concurrency: int
+) -> BenchReport:
+    from inference.worker import worker_threads
+
+    baseline = await measure_baseline(settings, task, inputs, requests)
+    async with InferenceService(settings) as service:
+        result = await measure_service(service, task, inputs, requests, concurrency)
+        stats = service.stats()[task]
+    speedup = result.throughput / baseline.throughput
+    p99_limit_ms = 2 * concurrency / result.throughput * 1000
+    return BenchReport(
+        task=task,
+        requests=requests,
+        concurrency=concurrency,
+        inputs=[f"{item.name} ({item.size[0]}×{item.size[1]}, {len(item.data) / 1e6:.2f} MB)" for item in inputs],
+        torch_threads=worker_threads(settings),
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait_ms=settings.max_batch_wait_ms,
+        service=result,
+        baseline=baseline,
+        speedup=speedup,
+        p99_limit_ms=p99_limit_ms,
+        batch_sizes=stats.batch_sizes,
+        targets={
+            "throughput >= 1.1 x baseline": speedup >= 1.1,
+            "max loop lag <= 50 ms": result.max_loop_lag_ms <= 50.0,
+            "p99 <= 2 x concurrency / throughput": result.p99_ms <= p99_limit_ms,
+            "no errors": result.errors == 0,
+        },
+    )
+
+
+def format_report(report: BenchReport) -> str:
+    lines = [
+        f"bench {report.task}: {report.requests} requests, concurrency {report.concurrency}, "
+        f"{report.torch_threads} torch threads, batches of up to {report.max_batch_size} "
+        f"(wait {report.max_batch_wait_ms:g} ms)",
+        "inputs: " + "; ".join(report.inputs),
+        "",
+        f"{'':16}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max loop lag ms':>17}{'errors':>8}",
+    ]
+    for label, run in (("service", report.service), ("naive baseline", report.baseline)):
+        lines.append(
+            f"{label:16}{run.throughput:8.2f}{run.p50_ms:9.1f}{run.p95_ms:9.1f}{run.p99_ms:9.1f}"
+            f"{run.max_loop_lag_ms:17.1f}{run.errors:8d}"
+        )
+    lines += [
+        "",
+        f"service / baseline throughput: {report.speedup:.2f}×",
+        f"model batch sizes (size: count): {report.batch_sizes}",
+        f"p99 limit (2 × concurrency / throughput): {report.p99_limit_ms:.0f} ms",
+        "targets: " + "; ".join(f"{name}: {'ok' if ok else 'MISSED'}" for name, ok in report.targets.items()),
+    ]
+    return "\n".join(lines)
