@@ -201,8 +201,11 @@ async def measure_service(
     service: InferenceService, task: str, inputs: list[BenchInput], requests: int, concurrency: int
 ) -> RunFigures:
     await service.warm_up(task)
-    for item in inputs[:WARMUP_REQUESTS]:
-        await call_task(service, task, item.data, None)
+    # One full-size burst first: the worker's first batches allocate what later ones reuse.
+    await asyncio.gather(
+        *(call_task(service, task, inputs[i % len(inputs)].data, None) for i in range(concurrency)),
+        return_exceptions=True,
+    )
     numbers = iter(range(requests))
     latencies: list[float] = []
     errors = 0
@@ -226,39 +229,54 @@ async def measure_service(
     return figures(latencies, errors, seconds, monitor.max_lag_s)
 
 
-async def measure_baseline(settings: Settings, task: str, inputs: list[BenchInput], requests: int) -> RunFigures:
+class NaiveBaseline:
     """One request at a time, in this process, batch size 1, on the event loop: the naive bot."""
-    import torch
 
-    from inference.images import ImageLimits, decode_image
-    from inference.registry import load_pipeline, resolve_device
-    from inference.worker import worker_threads
+    def __init__(self, settings: Settings, task: str, inputs: list[BenchInput]) -> None:
+        import torch
 
-    torch.set_num_threads(worker_threads(settings))
-    pipeline = load_pipeline(task, settings, resolve_device(settings.device))
-    limits = ImageLimits.from_settings(settings)
+        from inference.images import ImageLimits
+        from inference.registry import load_pipeline, resolve_device
+        from inference.worker import worker_threads
 
-    def handle(data: bytes) -> Any:
-        image = decode_image(data, limits, draft_size=pipeline.draft_size)
-        return pipeline.run([pipeline.preprocess(image)], [{}])[0]
+        torch.set_num_threads(worker_threads(settings))  # as many as the worker gets
+        self.pipeline = load_pipeline(task, settings, resolve_device(settings.device))
+        self.limits = ImageLimits.from_settings(settings)
+        self.inputs = inputs
+        self._next_inputs = itertools.cycle(inputs)
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.seconds = 0.0
+        self.max_lag_s = 0.0
 
-    for item in inputs[:WARMUP_REQUESTS]:
-        handle(item.data)
-    latencies: list[float] = []
-    errors = 0
-    async with LoopLagMonitor() as monitor:
-        started = time.perf_counter()
-        for item in itertools.islice(itertools.cycle(inputs), requests):
-            began = time.perf_counter()
-            try:
-                handle(item.data)
-            except InferenceError:
-                errors += 1
-            else:
-                latencies.append(time.perf_counter() - began)
-            await asyncio.sleep(0)  # lets the ticker see how long the loop was blocked
-        seconds = time.perf_counter() - started
-    return figures(latencies, errors, seconds, monitor.max_lag_s)
+    def handle(self, data: bytes) -> Any:
+        from inference.images import decode_image
+
+        image = decode_image(data, self.limits, draft_size=self.pipeline.draft_size)
+        return self.pipeline.run([self.pipeline.preprocess(image)], [{}])[0]
+
+    def warm_up(self) -> None:
+        for item in self.inputs[:WARMUP_REQUESTS]:
+            self.handle(item.data)
+
+    async def measure(self, requests: int) -> None:
+        """Run `requests` more requests (the inputs in turn); the figures add up over calls."""
+        async with LoopLagMonitor() as monitor:
+            started = time.perf_counter()
+            for item in itertools.islice(self._next_inputs, requests):
+                began = time.perf_counter()
+                try:
+                    self.handle(item.data)
+                except InferenceError:
+                    self.errors += 1
+                else:
+                    self.latencies.append(time.perf_counter() - began)
+                await asyncio.sleep(0)  # lets the ticker see how long the loop was blocked
+            self.seconds += time.perf_counter() - started
+        self.max_lag_s = max(self.max_lag_s, monitor.max_lag_s)
+
+    def figures(self) -> RunFigures:
+        return figures(self.latencies, self.errors, self.seconds, self.max_lag_s)
 
 
 async def run_bench(
@@ -266,10 +284,16 @@ async def run_bench(
 ) -> BenchReport:
     from inference.worker import worker_threads
 
-    baseline = await measure_baseline(settings, task, inputs, requests)
+    naive = NaiveBaseline(settings, task, inputs)
+    naive.warm_up()
+    # The baseline runs half before and half after the service, so that a change in the
+    # machine's load during the run weighs on both alike.
+    await naive.measure(requests // 2)
     async with InferenceService(settings) as service:
         result = await measure_service(service, task, inputs, requests, concurrency)
         stats = service.stats()[task]
+    await naive.measure(requests - requests // 2)
+    baseline = naive.figures()
     speedup = result.throughput / baseline.throughput
     p99_limit_ms = 2 * concurrency / result.throughput * 1000
     return BenchReport(

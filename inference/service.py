@@ -12,9 +12,9 @@ lines with dynamic batching (`inference.batching`), per-user caps, deadlines, ca
 per task, started on the task's first request and started again after a crash, so a slow,
 crashing or out-of-memory model never stalls or takes down the process with the event loop.
 
-Each worker gets at most `MAX_BATCHES_IN_FLIGHT` batches: one running, one decoded next to it,
-so the model never waits for the pipe, while everything else still waits here where it can be
-cancelled, timed out, counted and shown its position.
+Each worker gets at most `MAX_BATCHES_IN_FLIGHT` batches: one on the model and the next one
+already in the worker, so the model never waits for the pipe, while everything else still waits
+here, where it can be cancelled, timed out, counted and shown its position.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 import weakref
 from collections import Counter
 from collections.abc import Generator, Hashable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import Settings
 from inference.batching import BatchPolicy, DynamicBatcher
@@ -41,12 +40,15 @@ from inference.errors import (
     ServiceClosed,
     WorkerCrashed,
 )
-from inference.pipeline import Prediction
 from inference.worker import Batch, Cancel, Load, Results, StateReport, WorkerHandle, WorkItem
+
+if TYPE_CHECKING:  # the main process needs no torch: only the workers import it
+    from inference.pipeline import Prediction
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classify", "zebra", "caption")  # the same names as inference.registry.TASKS
+#: The same names as `inference.registry.TASKS` (which imports torch; this module does not).
+TASKS = ("classify", "zebra", "caption")
 
 #: Batches handed to one worker at a time: one on the model, one being decoded beside it.
 MAX_BATCHES_IN_FLIGHT = 2
@@ -227,7 +229,8 @@ class InferenceService:
         await self.close()
 
     async def warm_up(self, *tasks: str) -> list[ModelState]:
-        """Start the workers of `tasks` (default: all) and load their models now."""
+        """Start the workers of `tasks` (default: all) and load their models now; returns their
+        states once each is ready or unavailable (bound the wait with `asyncio.wait_for`)."""
         self._check_open()
         lanes = [self._lane(task) for task in (tasks or TASKS)]
         await asyncio.gather(*(lane.warm_up() for lane in lanes))
@@ -492,10 +495,7 @@ class _TaskLane:
         settled = self.loop.create_future()
         self._state_waiters.append(settled)
         worker.send(Load())
-        try:
-            await asyncio.wait_for(settled, self.settings.request_timeout_s)
-        except TimeoutError:
-            pass
+        await settled  # ready, unavailable, or the process died; a first download may take long
 
     # -- messages from the worker (on the loop) --------------------------------------------------
 

@@ -11,12 +11,14 @@ Inside the worker, a reader thread takes messages off the pipe (a `Cancel` is ap
 out of band) and the model's thread works through the batches: load the model once, decode (+
 draft) and preprocess every image of the batch, run the model, send the results.
 
-How decoding meets the model depends on the device, and was measured (inference/bench.py):
-- CPU: decoding runs *between* model calls, the images of a batch in parallel on all cores.
+How decoding meets the model depends on the device; measured with inference/bench.py:
+- CPU: the images of a batch are decoded side by side on all cores, *between* model calls.
   Decoding *beside* the model (a pipeline thread) was slower: torch's thread team then shares
-  the cores with the decoder, and every one of its barriers waits for a descheduled thread.
+  the cores with the decoder, and each of its barriers waits for a descheduled thread.
 - GPU: a prepare thread decodes batch N+1 while the GPU runs batch N, so the GPU never waits
   for JPEG decoding.
+The worker also keeps freed memory for reuse (`keep_freed_memory`): without it, glibc maps and
+unmaps a batch's activations on every forward pass, and batching *lost* throughput on the CPU.
 
 A model that cannot load fails the requests of that batch with its error and is tried again on
 the next batch.  One image that cannot be decoded fails only its own request.
@@ -147,11 +149,12 @@ def keep_freed_memory() -> bool:
     """Let glibc reuse the model's big activation buffers instead of unmapping them.
 
     By default glibc serves allocations over a (moving) threshold with fresh `mmap`s and unmaps
-    them on free, so every forward pass of a batch faults in its activations page by page again:
-    measured here, EfficientNet-Lite0 at batch 8 took thousands of page faults per image and
-    ran 2× slower per image than at batch 1; with these settings batches are faster per image
-    than single images, as they should be.  (PyTorch's CPU tuning guide suggests jemalloc or
-    tcmalloc for the same reason; this needs no extra library.)  False where not glibc.
+    them on free, so every forward pass of a batch faults its activations in page by page again.
+    Measured on the 2-core dev machine, EfficientNet-Lite0 per image: batch 1 11 ms, batch 8
+    17-19 ms with ~7,000 page faults per image; with these settings batch 8 takes 9 ms and no
+    faults.  (The CycleGAN generator at 256×256, batch 4: 477 → 341 ms per image.)  PyTorch's
+    CPU tuning guide suggests jemalloc or tcmalloc for the same reason; this needs no extra
+    library.  Returns False where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -275,20 +278,32 @@ class _Worker:
             else:
                 todo.append(item)
         # Pillow decodes with the GIL released: the images of a batch decode side by side.
-        outcomes = self.decoders.map(self._prepare_one, todo) if len(todo) > 1 else map(self._prepare_one, todo)
-        for item, outcome in zip(todo, outcomes):
+        # Preprocessing (torch ops) stays on this thread: torch ops called from the decoder
+        # threads would start thread teams of their own, and with more OpenMP threads than cores
+        # the model's team stops spinning and sleeps at every barrier.
+        images = self.decoders.map(self._decode, todo) if len(todo) > 1 else map(self._decode, todo)
+        for item, image in zip(todo, images):
+            outcome = image if isinstance(image, InferenceError) else self._preprocess(image)
             if isinstance(outcome, InferenceError):
                 prepared.failed.append(Outcome(item.request_id, error=outcome))
             else:
                 prepared.ready.append((item.request_id, outcome, item.options))
         return prepared
 
-    def _prepare_one(self, item: WorkItem) -> Any:
-        """Decode and preprocess one image: its input tensor, or the error to send back."""
+    def _decode(self, item: WorkItem) -> Any:
+        """One image decoded (RGB, drafted down for the model), or the error to send back."""
         from inference.images import decode_image
 
         try:
-            image = decode_image(item.image, self.limits, draft_size=self.pipeline.draft_size)
+            return decode_image(item.image, self.limits, draft_size=self.pipeline.draft_size)
+        except InferenceError as error:
+            return error
+        except Exception:
+            logger.exception("decoding a %s request failed", self.task)
+            return InferenceError("That image could not be decoded.")
+
+    def _preprocess(self, image: Any) -> Any:
+        try:
             return self.pipeline.preprocess(image)
         except InferenceError as error:
             return error
@@ -306,15 +321,21 @@ class _Worker:
             for results in self._run_model(job.batch_id, live) if live else []:
                 self._send(results)
         self._send(Results(job.batch_id, [], final=True, skipped=skipped))
+        # Request ids grow batch after batch: a cancellation of an id up to this batch's that
+        # was not used came after its result, and will never be.
+        newest = max((entry[0] for entry in job.ready), default=0)
+        with self.cancelled_lock:
+            self.cancelled = {request_id for request_id in self.cancelled if request_id > newest}
 
     def _chunks(self, ready: list[tuple[int, Any, dict[str, Any]]]) -> list[list[tuple[int, Any, dict[str, Any]]]]:
         """Which inputs go through the model together.
 
         Equal shapes are stacked when the pipeline says its inputs are all one size (the
         classifier's crops) or on a GPU.  Size-dependent models (CycleGAN at the photo's aspect
-        ratio, the captioner) run one input at a time on the CPU: there batching them gains
-        nothing (the generator even gets slower, see the bench), and each result goes back as
-        soon as it exists instead of waiting for the slowest of the batch.
+        ratio, the captioner) run one input at a time on the CPU: batching gains them nothing
+        there (the generator at 256×256 on 2 cores: 316 ms per image alone, 341 ms in a batch
+        of 4, even with `keep_freed_memory`), and each result goes back as soon as it exists
+        instead of waiting for the rest of the batch.
         """
         if not ready:
             return []
@@ -327,11 +348,8 @@ class _Worker:
 
     def _run_model(self, batch_id: int, entries: list[tuple[int, Any, dict[str, Any]]]) -> list[Results]:
         started = time.perf_counter()
-        import resource; r0 = resource.getrusage(resource.RUSAGE_SELF)
         try:
             values = self.pipeline.run([tensor for _, tensor, _ in entries], [options for _, _, options in entries])
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            print(f"DBG bs {len(entries)} {(time.perf_counter()-started)*1000/len(entries):.1f} ms/img flt {(r1.ru_minflt-r0.ru_minflt)/len(entries):.0f} nvcsw {r1.ru_nvcsw-r0.ru_nvcsw} nivcsw {r1.ru_nivcsw-r0.ru_nivcsw}", file=sys.stderr, flush=True)
         except Exception as error:
             if len(entries) > 1:
                 # Find the input that breaks the batch: the others still deserve their result.

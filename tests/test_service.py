@@ -402,6 +402,33 @@ async def test_caption_through_the_service(
     assert {s.task: s for s in service.models()}["caption"].state == "ready"
 
 
+async def test_a_hung_worker_is_restarted(small_dog: bytes) -> None:
+    """A model that never returns (a deadlock, a wedged GPU): requests time out, then the
+    worker is killed and restarted, and the task works again."""
+    async with InferenceService(Settings(**{**SHARED_SETTINGS, "request_timeout_s": 1.5})) as service:
+        await service.warm_up("classify")
+        before = classify_stats(service)
+        os.kill(before.worker_pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                await service.classify(small_dog)
+            await wait_until(lambda: classify_stats(service).worker_crashes == 1, timeout=10.0)
+        finally:
+            try:
+                os.kill(before.worker_pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert (await service.warm_up("classify"))[0].state == "ready"  # a fresh process
+        assert_dog(await service.classify(small_dog))
+        assert classify_stats(service).worker_pid not in (None, before.worker_pid)
+
+
+async def test_the_service_knows_every_task_of_the_registry() -> None:
+    from inference import registry, service
+
+    assert service.TASKS == registry.TASKS
+
+
 # --- closing ----------------------------------------------------------------------------------------------
 
 
