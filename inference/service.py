@@ -207,7 +207,7 @@ class InferenceService:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._lanes = {task: _TaskLane(self, task) for task in TASKS}
+        self._lanes = {task: _TaskLane(self.settings, task, self._loop) for task in TASKS}
 
     async def close(self, *, grace_s: float = 5.0) -> None:
         """Refuse new requests, fail the waiting ones with `ServiceClosed`, give the running
@@ -371,12 +371,10 @@ def _configured_model(task: str, settings: Settings) -> str:
 class _TaskLane:
     """One task's waiting line, its dispatcher and its worker process."""
 
-    def __init__(self, service: InferenceService, task: str) -> None:
-        assert service._loop is not None
-        self.service = service
+    def __init__(self, settings: Settings, task: str, loop: asyncio.AbstractEventLoop) -> None:
         self.task = task
-        self.settings = service.settings
-        self.loop = service._loop
+        self.settings = settings
+        self.loop = loop
         self.batcher: DynamicBatcher[_Request] = DynamicBatcher(
             BatchPolicy(max(1, self.settings.max_batch_size), max(0.0, self.settings.max_batch_wait_ms) / 1000.0),
             self.loop.time,

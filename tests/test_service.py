@@ -343,6 +343,16 @@ async def test_the_event_loop_stays_responsive_while_models_run(
     assert max(lateness) < 0.05, f"the event loop stalled for {max(lateness) * 1000:.0f} ms"
 
 
+async def test_large_uploads_do_not_stall_the_event_loop(service: InferenceService) -> None:
+    from inference.bench import LoopLagMonitor
+
+    uploads = [b"\xff\xd8\xff" + os.urandom(20 * 1024 * 1024) for _ in range(6)]  # 120 MB in all
+    async with LoopLagMonitor(tick_s=0.002) as monitor:
+        results = await settle([service.classify(upload) for upload in uploads])
+    assert all(isinstance(result, InvalidImage) for result in results), results
+    assert monitor.max_lag_s < 0.05, f"the event loop stalled for {monitor.max_lag_s * 1000:.0f} ms"
+
+
 async def test_a_killed_worker_fails_its_requests_and_comes_back(
     service: InferenceService, phone_dog: bytes, small_dog: bytes
 ) -> None:
