@@ -13,10 +13,11 @@ caption string), so results cross the worker-process boundary as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:  # only for annotations: the bot's process unpickles `Prediction` without torch
+    import torch
+    from PIL import Image
 
 
 @dataclass(frozen=True)
