@@ -2,7 +2,7 @@
 
     python -m inference bench [--task classify] [--requests 64] [--concurrency 16] [--json]
 
-Two measurements in one run, on the same inputs (the shared photos and phone-size 4000×3000
+Two measurements in one run, on the same inputs (the bundled sample photos and phone-size 4000×3000
 JPEGs made from them, cycled) with the same decoding, preprocessing and torch thread count:
 
 - the service: `--concurrency` clients, each awaiting one request at a time, through
@@ -35,7 +35,8 @@ from config import Settings
 from inference.errors import InferenceError
 from inference.service import TASKS, InferenceService
 
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+#: The sample photos bundled with the package (package data), so `bench` works wherever it is installed.
+DEFAULT_IMAGES = Path(__file__).resolve().parent / "samples"
 PHONE_SIZE = (4000, 3000)
 PHONE_JPEG_QUALITY = 90
 LAG_TICK_S = 0.005

@@ -1,6 +1,6 @@
 """Every weights file the project downloads: where it is published, where it lives, how it is fetched.
 
-`CATALOGUE` names each model's files (the spec: the shared docs/checkpoints.md); `WeightsStore` maps them to paths
+`CATALOGUE` names each model's files (the published checkpoints: their sources, integrity ids and layouts); `WeightsStore` maps them to paths
 under one weights directory and fetches them on request.
 
 Integrity: every file the book's repositories publish is checked against its **git blob id**

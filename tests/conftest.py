@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: the shared photos and generated checkpoints."""
+"""Fixtures shared by the whole suite: the bundled sample photos and generated checkpoints."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-IMAGES = SHARED / "data" / "images"
+#: The sample photos that ship with the package (`inference/samples/`).
+IMAGES = REPO_ROOT / "inference" / "samples"
+#: Test-only data files (the real fc-infos.pkl of the published captioner).
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")

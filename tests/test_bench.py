@@ -15,8 +15,8 @@ from PIL import Image
 
 from config import Settings
 from inference import bench
+from tests.conftest import IMAGES
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -30,10 +30,10 @@ from inference.errors import (
 )
 from inference.pipeline import Prediction
 from inference.service import InferenceService, TaskStats
+from tests.conftest import IMAGES
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
 
 SHARED_SETTINGS = dict(
     device="cpu",
