@@ -1,14 +1,28 @@
-"""The `commands.Bot` subclass and `create_bot`, the factory the tests and `python -m bot` use."""
+"""The `commands.Bot` subclass and `create_bot`, the factory the tests and `python -m bot` use.
+
+The shape of discord.py's `examples/advanced_startup.py`: `python -m bot` builds the inference
+service and the bot under `async with` and hands the one to the other; `create_bot(settings)`
+given no service builds one that the bot owns (scripts and tests start the bot that way).
+`setup_hook` starts the service, loads one cog per feature area and syncs the commands with
+Discord when they changed since the last sync (`bot.sync`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.errors import ChannelNotAllowed, report_error
+from bot.context import VisionContext
+from bot.downloads import DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT, ByteBudget
+from bot.errors import ChannelNotAllowed, ShuttingDown, report_error
+from bot.sync import sync_if_changed
 from bot.urls import ImageFetcher
 from config import Settings
 from inference.service import InferenceService
@@ -16,11 +30,23 @@ from inference.service import InferenceService
 log = logging.getLogger(__name__)
 
 #: Extensions loaded in `setup_hook`, one cog per feature area.
-EXTENSIONS = ("bot.cogs.vision", "bot.cogs.info")
+EXTENSIONS = ("bot.cogs.vision", "bot.cogs.info", "bot.cogs.admin")
+
+#: Seconds `close()` lets the requests in flight finish, when the settings say nothing.
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
 
 
 class VisionTree(app_commands.CommandTree):
-    """Sends app-command errors (context menus) to the same handler as everything else."""
+    """The gate for slash commands and context menus, and their errors sent to the same
+    handler as everything else."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.type is discord.InteractionType.autocomplete:
+            # Suggestions cannot carry a refusal; the command itself is refused when run.
+            return isinstance(self.client, VisionBot) and self.client.serves(interaction.channel)
+        if isinstance(self.client, VisionBot):
+            self.client.gate(interaction.channel)  # raises ShuttingDown / ChannelNotAllowed
+        return True
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         await report_error(interaction, error)
@@ -51,30 +77,99 @@ class VisionBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
         )
         self.settings = settings
-        #: The models, behind their worker queue.  Created here unless one is given (to share
-        #: one service between several front ends, or between tests): the bot closes only the
-        #: service it created.
-        self.service = service if service is not None else InferenceService(settings)
-        self._owns_service = service is None
+        #: What the bot closes after its Discord session, last in first out: the inference
+        #: service when the bot built it, then (closed first) the URL fetcher.  A service that
+        #: was handed in belongs to whoever built it (`python -m bot`: its `async with`).
+        self._owned = AsyncExitStack()
+        if service is None:
+            service = InferenceService(settings)
+            self._owned.push_async_callback(service.close)  # idempotent; fine if never started
+        #: The models, behind their worker queue.
+        self.service = service
         #: Fetches image links; `url_fetcher` is the seam for tests that serve images on
         #: 127.0.0.1 (an `ImageFetcher(..., allow_loopback_for_tests=True)`).
         self.fetcher = url_fetcher if url_fetcher is not None else ImageFetcher(settings)
-        self.add_check(self._check_channel)
+        self._owned.push_async_callback(self.fetcher.close)
+        #: Bytes being downloaded at once, across every command and user.
+        self.downloads = ByteBudget(
+            int(getattr(settings, "max_download_bytes_in_flight", DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT))
+        )
+        #: Set when `close()` begins: no new commands from then on.
+        self.stopping = False
+        #: Set when the grace period is over: requests still waiting give up and say so.
+        self.out_of_time = asyncio.Event()
+        self._requests_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._shutdown: asyncio.Task[None] | None = None
+        # The gate for prefix and hybrid commands; `VisionTree.interaction_check` is the same
+        # gate for slash commands and context menus.
+        self.add_check(self.bot_check)
 
     async def setup_hook(self) -> None:
         await self.service.start()  # a no-op for a service that is already running
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        synced = await self.tree.sync()
-        log.info("synced %d application commands", len(synced))
+        await sync_if_changed(self.tree, self.application_id, self.settings.bot_data_dir)
+
+    async def get_context(self, origin: Any, /, *, cls: type[commands.Context[Any]] = VisionContext) -> Any:
+        """Every command gets a `VisionContext` (its helpers: images, safe replies, invoker)."""
+        return await super().get_context(origin, cls=cls)
+
+    # --- requests in flight, and stopping in order --------------------------------------------
+    @property
+    def requests_in_flight(self) -> int:
+        return self._requests_in_flight
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[None]:
+        """Count one command's work (its downloads, queue time and answers) as in flight, so
+        that `close()` waits for it.  Raises `ShuttingDown` once the bot is stopping."""
+        self.ensure_running()
+        self._requests_in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._requests_in_flight -= 1
+            if self._requests_in_flight == 0:
+                self._idle.set()
+
+    def ensure_running(self) -> None:
+        if self.stopping:
+            raise ShuttingDown("the bot is shutting down")
 
     async def close(self) -> None:
+        """Stop in order: take no new commands; let the requests in flight finish and answer
+        within the grace period (`shutdown_grace_s`), then tell the ones still waiting that the
+        bot is restarting; only then close Discord's HTTP session and the gateway, the URL
+        fetcher, and last the inference service (when the bot created it; one handed in is
+        closed by its owner after this).  Idempotent."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._close_in_order())
+        await asyncio.shield(self._shutdown)
+
+    async def _close_in_order(self) -> None:
+        self.stopping = True
+        grace_s = float(getattr(self.settings, "shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S))
         try:
-            await super().close()
+            if self._requests_in_flight:
+                log.info("stopping: waiting up to %.0f s for %d request(s)", grace_s, self._requests_in_flight)
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+                except asyncio.TimeoutError:
+                    # Out of time: the requests still waiting stop waiting and say so; a short
+                    # while for those lines to go out.
+                    self.out_of_time.set()
+                    try:
+                        await asyncio.wait_for(self._idle.wait(), timeout=5.0)
+                    except asyncio.TimeoutError:
+                        log.warning("stopping: %d request(s) did not finish", self._requests_in_flight)
         finally:
-            await self.fetcher.close()
-            if self._owns_service:
-                await self.service.close()  # idempotent; fine on a never-started service
+            try:
+                await super().close()
+            finally:
+                await self._owned.aclose()
 
     # --- one error handler -------------------------------------------------------------------
     async def on_command_error(  # type: ignore[override]
@@ -82,8 +177,22 @@ class VisionBot(commands.Bot):
     ) -> None:
         await report_error(ctx, error)
 
-    # --- allowed channels --------------------------------------------------------------------
-    def channel_allowed(self, channel: discord.abc.Messageable | None) -> bool:
+    # --- the gate: running, and an allowed channel --------------------------------------------
+    def serves(self, channel: Any) -> bool:
+        return not self.stopping and self.channel_allowed(channel)
+
+    def gate(self, channel: Any) -> None:
+        """Raise `ShuttingDown` or `ChannelNotAllowed` when the bot does not take a command
+        from `channel` now; the one place that decides, for every kind of command."""
+        self.ensure_running()
+        if not self.channel_allowed(channel):
+            raise ChannelNotAllowed("not an allowed channel")
+
+    async def bot_check(self, ctx: commands.Context[Any]) -> bool:
+        self.gate(ctx.channel)
+        return True
+
+    def channel_allowed(self, channel: Any) -> bool:
         allowed = self.settings.allowed_channels
         if not allowed or channel is None:
             return True
@@ -92,13 +201,6 @@ class VisionBot(commands.Bot):
         ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}  # threads: parent
         return bool(ids & allowed)
 
-    def ensure_channel_allowed(self, channel: discord.abc.Messageable | None) -> None:
-        if not self.channel_allowed(channel):
-            raise ChannelNotAllowed("not an allowed channel")
-
-    async def _check_channel(self, ctx: commands.Context) -> bool:
-        self.ensure_channel_allowed(ctx.channel)
-        return True
 
 
 def create_bot(
@@ -110,9 +212,11 @@ def create_bot(
 ) -> VisionBot:
     """The bot, configured from `settings` (read from the environment and `.env` when None).
 
-    Its inference service is started in `setup_hook` and closed by `close()`.  `service` and
-    `url_fetcher` replace the ones the bot would build from `settings` (see `VisionBot`);
-    `message_content=False` runs it without the privileged message-content intent.
+    Without `service`, the bot builds its own: started in `setup_hook`, closed by `close()`
+    after the bot's session.  A `service` handed in is started by its owner (or in
+    `setup_hook`, a no-op if running) and never closed by the bot.  `url_fetcher` replaces the
+    one the bot builds from `settings`; `message_content=False` runs it without the
+    privileged message-content intent.  Use it as `async with create_bot(...) as bot:`.
     """
     return VisionBot(
         settings if settings is not None else Settings.from_env(),

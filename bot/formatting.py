@@ -13,7 +13,7 @@ from PIL import Image
 
 from inference.pipeline import Prediction
 from inference.service import ModelState
-from inference.weights import DOWNLOAD_COMMAND, ModelWeightsStatus
+from inference.tasks import TASK_SPECS
 
 #: What Discord lets a bot upload where nothing says otherwise (DMs, unboosted servers).
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
@@ -33,13 +33,26 @@ def probability_bar(percent: float, width: int = BAR_WIDTH) -> str:
     return bar + _EMPTY * (width - len(bar))
 
 
+def source_text(source: str, *, spoiler: bool = False, link: bool = False) -> str:
+    """How an answer names its image: the file name or the link, clipped; a link inside `<>`
+    so that Discord does not preview it again; behind `||` when it came as a spoiler."""
+    text = _short(source)
+    if link:
+        text = f"<{text}>"
+    return f"||{text}||" if spoiler else text
+
+
 def classification_embed(
     predictions: Sequence[Prediction], *, source: str, model: str, spoiler: bool = False
 ) -> discord.Embed:
-    """Top predictions as aligned bars in a code block (hidden behind a spoiler if asked)."""
+    """Top predictions as aligned bars in a code block (hidden behind a spoiler if asked).
+
+    Embed titles cannot hold a spoiler: a spoilered image's name goes into the description,
+    behind `||`, and the title stays generic."""
     if spoiler:
-        lines = [f"||{p.label} — {p.probability:.1f} %||" for p in predictions]
+        lines = [f"||{_short(source)}||"] + [f"||{p.label} — {p.probability:.1f} %||" for p in predictions]
         description = "\n".join(lines)
+        title = "What's in this spoilered image?"
     else:
         name_width = max((len(p.label) for p in predictions), default=0)
         rows = [
@@ -47,7 +60,8 @@ def classification_embed(
             for p in predictions
         ]
         description = "```\n" + "\n".join(rows) + "\n```"
-    embed = discord.Embed(title=f"What's in {_short(source)}?", description=description, colour=EMBED_COLOUR)
+        title = f"What's in {_short(source)}?"
+    embed = discord.Embed(title=title, description=description, colour=EMBED_COLOUR)
     if predictions and not spoiler:
         best = predictions[0]
         embed.add_field(name="Best guess", value=f"**{best.label}** ({best.probability:.1f} %)")
@@ -55,15 +69,21 @@ def classification_embed(
     return embed
 
 
-def caption_message(caption: str, *, source: str, spoiler: bool = False) -> str:
+def caption_message(caption: str, *, source: str, spoiler: bool = False, link: bool = False) -> str:
     text = caption.strip() or "(the captioner had nothing to say)"
     if spoiler:
         text = f"||{text}||"
-    return f"📝 {_short(source)}: {text}"
+    return f"📝 {source_text(source, spoiler=spoiler, link=link)}: {text}"
 
 
-def zebra_message(source: str) -> str:
-    return f"🦓 {_short(source)}, zebra-fied"
+def zebra_message(source: str, *, spoiler: bool = False, link: bool = False) -> str:
+    return f"🦓 {source_text(source, spoiler=spoiler, link=link)}, zebra-fied"
+
+
+def skipped_message(labels: Sequence[str], limit: int) -> str:
+    """Images beyond the per-message limit: named (as `source_text` shows them), not dropped."""
+    images = "image" if limit == 1 else "images"
+    return f"I answer up to {limit} {images} per message; skipped: {', '.join(labels)}."
 
 
 def queue_message(ahead: int) -> str:
@@ -109,7 +129,13 @@ def fit_upload(png: bytes, limit: int) -> EncodedImage:
     raise ValueError(f"cannot encode the image within {limit} bytes")
 
 
-def upload_limit(guild: discord.Guild | None) -> int:
+def upload_limit(guild: discord.Guild | None, interaction: discord.Interaction | None = None) -> int:
+    """The most bytes one upload may have: for an interaction's answer, what Discord sent
+    with the interaction (it knows the channel, DMs and boosts); else the guild's limit."""
+    if interaction is not None:
+        limit = getattr(interaction, "filesize_limit", None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
     return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
 
@@ -121,38 +147,42 @@ def image_file(encoded: EncodedImage, *, stem: str, spoiler: bool) -> discord.Fi
 # --- help and models -------------------------------------------------------------------------
 
 
-def help_embed(prefix: str) -> discord.Embed:
-    embed = discord.Embed(
-        title="What I can do",
-        description=(
+def help_embed(prefix: str, *, prefix_commands: bool = True) -> discord.Embed:
+    """`prefix_commands=False` (no message-content intent: the bot cannot read `!commands`)
+    leaves the prefix form out."""
+    if prefix_commands:
+        how = (
             "Give me a photo: **attach it**, paste an **image link**, or **reply** to a message "
             f"that has one, then use a command — as `{prefix}command` or `/command`. "
-            "Or right-click (long-press) a message with an image → **Apps**."
-        ),
+        )
+    else:
+        how = "Use a command as `/command`, with the photo **attached** or its **link**. "
+    embed = discord.Embed(
+        title="What I can do",
+        description=how + "Or right-click (long-press) a message with an image → **Apps**.",
         colour=EMBED_COLOUR,
     )
-    embed.add_field(name="classify", value="The top 5 things in the photo (ImageNet classes).", inline=False)
-    embed.add_field(name="zebra", value="Turns horses into zebras (CycleGAN).", inline=False)
-    embed.add_field(name="caption", value="Describes the photo in a sentence.", inline=False)
+    for spec in TASK_SPECS.values():  # one line per task, in the words of `inference.tasks`
+        embed.add_field(name=spec.name, value=spec.description, inline=False)
     embed.add_field(name="models", value="Which models are loaded, and what is missing.", inline=False)
     embed.add_field(name="help", value="This message.", inline=False)
     embed.set_footer(text="Images marked as spoilers come back as spoilers.")
     return embed
 
 
-def models_embed(states: Sequence[ModelState], weights: Sequence[ModelWeightsStatus]) -> discord.Embed:
-    """Per task: the model, its state, and for missing weights the command that fetches them."""
-    by_name = {status.name: status for status in weights}
+def models_embed(states: Sequence[ModelState]) -> discord.Embed:
+    """Per task (as the service reports it): the model, its state, where it runs, and for
+    missing weights the files and the command that gets them."""
     embed = discord.Embed(title="Models", colour=EMBED_COLOUR)
     for state in states:
-        lines = [f"{_STATE_ICONS.get(state.state, '•')} `{state.model}` — {state.state}"]
-        if state.detail:
-            lines.append(state.detail)
-        status = by_name.get(state.model)
-        if status is not None and not status.complete:
-            missing = [f.file.name for f in status.files if not f.present]
-            lines.append(f"Missing: {', '.join(missing)}")
-            lines.append(f"Get it with `{DOWNLOAD_COMMAND.format(name=status.name)}` on the bot's machine.")
+        where = " on ".join(part for part in (state.runtime, state.device) if part)
+        lines = [f"{_STATE_ICONS.get(state.state, '•')} `{state.model}` — {state.state}" + (f" ({where})" if where else "")]
+        if state.error:
+            lines.append(state.error)
+        if state.missing:
+            lines.append(f"Missing: {', '.join(m.file for m in state.missing)}")
+            for command in dict.fromkeys(m.command for m in state.missing):  # each command once
+                lines.append(f"Get it with `{command}` on the bot's machine.")
         embed.add_field(name=state.task, value=_clip("\n".join(lines), 1024), inline=False)
     embed.set_footer(text="Models load on first use; weights live in the bot's weights directory.")
     return embed

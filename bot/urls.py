@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import socket
 from dataclasses import dataclass
 
@@ -49,6 +50,14 @@ CLOUD_METADATA_ADDRESSES = frozenset(
 )
 #: NAT64 well-known prefix: 64:ff9b::a.b.c.d reaches the IPv4 address a.b.c.d.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: Ranges that are not public but that `ipaddress` (as of Python 3.11) calls global: the
+#: deprecated site-local prefix (RFC 3879; still routed inside some networks) and the
+#: documentation prefix of RFC 9637 (2024), newer than the module's tables.
+_ALSO_NOT_PUBLIC = (ipaddress.ip_network("fec0::/10"), ipaddress.ip_network("3fff::/20"))
+#: One label of a DNS name as it goes on the wire: letters, digits and inner hyphens, 1–63
+#: characters (RFC 1123).  Internationalised names arrive here already IDNA-encoded ("xn--…").
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII | re.IGNORECASE)
+_MAX_DNS_NAME = 253
 
 
 class ImageFetchError(Exception):
@@ -66,14 +75,16 @@ class AddressNotAllowed(ImageFetchError, OSError):
 def is_public_address(address: IPAddress) -> bool:
     """True only for globally routable unicast addresses (IPv4 or IPv6).
 
-    Refused: loopback, private (RFC 1918, unique-local), link-local, CGNAT (100.64/10), multicast,
-    reserved, unspecified, documentation and benchmark ranges, cloud metadata — and IPv6
+    Refused: loopback, private (RFC 1918, unique-local), link-local, site-local, CGNAT (100.64/10),
+    multicast, reserved, unspecified, documentation and benchmark ranges, cloud metadata — and IPv6
     addresses that embed an IPv4 one (IPv4-mapped, 6to4, Teredo, NAT64) unless that IPv4 address
     is public too.
     """
     if address in CLOUD_METADATA_ADDRESSES:
         return False
     if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _ALSO_NOT_PUBLIC):
+            return False
         for embedded in _embedded_ipv4(address):
             if not is_public_address(embedded):
                 return False
@@ -154,6 +165,13 @@ class PublicAddressResolver(AbstractResolver):
         await self._inner.close()
 
 
+def is_dns_name(host: str) -> bool:
+    """True for a syntactically valid DNS name in its ASCII form ("example.com", "xn--r8jz45g.jp",
+    "example.com." with the root's dot); false for anything aiohttp might read otherwise."""
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= _MAX_DNS_NAME and all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
+
+
 class ImageFetcher:
     """Fetches image bytes from user-supplied URLs under the rules in the module docstring.
 
@@ -198,7 +216,7 @@ class ImageFetcher:
         """Parse and check a URL's form (scheme, host; an IP-literal host's address)."""
         try:
             parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError):  # UnicodeError is a ValueError
             raise ImageFetchError("That link is not a valid URL.") from None
         scheme = (parsed.scheme or "").lower()
         allowed = ("https", "http") if self.allow_http else ("https",)
@@ -211,16 +229,27 @@ class ImageFetcher:
             raise ImageFetchError("That link has no host name.")
         if parsed.user or parsed.password:
             raise ImageFetchError("I don't fetch links that carry a user name or password.")
+        # aiohttp decides by the host's form whether it is an address (connected to directly)
+        # or a name (resolved, so checked by our resolver).  So the host must be one of the
+        # two unambiguously: an IP literal we check here, or a plain DNS name.  Anything else
+        # (say "xn--:1-9ia.example.test", the IDNA form of "[é:1.example.test]") could be
+        # taken for an address by aiohttp and connected to past the resolver.
         try:
-            literal: IPAddress | None = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+            literal: IPAddress | None = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
-            literal = None  # a name: checked by the resolver when connecting
+            literal = None
         if literal is not None:
             self.policy.check(literal, host)
+        elif not is_dns_name(host):
+            raise ImageFetchError("That link's host is not a valid host name.")
         return parsed
 
     async def fetch(self, url: str) -> bytes:
-        """The body at `url` (after redirects), at most `max_bytes` of it, within the time limit."""
+        """The body at `url` (after redirects), at most `max_bytes` of it, within the time limit.
+
+        Every failure is an `ImageFetchError` with a line for the user, so that one bad link
+        costs only its own image.
+        """
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch_following_redirects(self.check_url(url))
@@ -228,6 +257,11 @@ class ImageFetcher:
             raise ImageFetchError(
                 f"That link took longer than {self.timeout_s:g} s to download."
             ) from None
+        except (UnicodeError, ValueError) as error:
+            # yarl and aiohttp raise these for a malformed URL or Location header (a bad port,
+            # a host that IDNA cannot encode), wherever in the redirect chain it turns up.
+            log.info("a link could not be parsed: %r", error)
+            raise ImageFetchError("That link (or a link it redirects to) is not a valid URL.") from None
 
     async def _fetch_following_redirects(self, target: yarl.URL) -> bytes:
         session = self._get_session()

@@ -27,6 +27,10 @@ def default_weights_dir() -> Path:
     return Path(platformdirs.user_cache_dir("discord-vision-bot")) / "weights"
 
 
+def default_bot_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("discord-vision-bot"))
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- Discord ---------------------------------------------------------------------------
@@ -42,6 +46,9 @@ class Settings:
     #: Image URLs: https only unless this is set.
     allow_http_urls: bool = False
     url_timeout_s: float = 10.0
+    #: The bot's own files (the hash of the last synced command tree: the bot syncs its
+    #: commands with Discord at start-up only when they changed since).
+    bot_data_dir: Path = field(default_factory=default_bot_data_dir)
 
     # --- Models ----------------------------------------------------------------------------
     classifier: str = "efficientnet_lite0"
@@ -50,8 +57,8 @@ class Settings:
     zebra_size: int = 256
     #: Longest side of the image the captioner's encoder sees.
     caption_size: int = 512
-    #: Beam width of the captioner; 1 is greedy decoding.
-    caption_beam: int = 3
+    #: Beam width of the captioner: 2 is what the book's eval.py runs; 1 is its greedy sampler.
+    caption_beam: int = 2
     #: Where downloaded weights live.
     weights_dir: Path = field(default_factory=default_weights_dir)
     #: Download missing weights on first use (otherwise: a clear error naming the command).
@@ -60,21 +67,44 @@ class Settings:
     trust_hub_repos: bool = False
 
     # --- Images ----------------------------------------------------------------------------
+    #: Largest file accepted, in bytes.
     max_image_bytes: int = 25 * 1024 * 1024
+    #: Largest image decoded, in pixels (imgproxy's max source resolution), checked on the header.
     max_image_pixels: int = 50_000_000
+    #: The long side may be at most this many times the short side (1×20000 is refused).
+    max_image_aspect_ratio: float = 50.0
+    #: JPEGs with more scans are refused before decoding: each scan is a pass over the image.
+    max_jpeg_scans: int = 100
 
     # --- Worker queue ----------------------------------------------------------------------
     #: "auto" picks CUDA when present, else the CPU; or any torch device string.
     device: str = "auto"
     #: Threads each worker process gives torch; 0 means one per available core.
     torch_threads: int = 0
+    #: Largest model batch, for the tasks that batch (`inference.tasks`: classify on the CPU).
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
-    #: Requests waiting (not yet running) across all models before new ones get `Busy`.
-    max_queue_size: int = 64
-    #: Requests one user may have waiting or running at once.
+    #: Per task: requests waiting (not yet on the model, reserved ones included) before new
+    #: ones get `Busy`.  A zebra backlog never makes classify busy.
+    classify_queue_size: int = 64
+    zebra_queue_size: int = 16
+    caption_queue_size: int = 16
+    #: Serve each task's queue in turns between users, so one user's images never hold
+    #: everyone else's back; off: strictly first come, first served.
+    queue_turns: bool = True
+    #: Requests one user may have waiting or running (or reserved) at once.
     max_pending_per_user: int = 3
     request_timeout_s: float = 120.0
+    #: Seconds a worker may take to start and load its model (a first download included)
+    #: before it is killed and the requests waiting for it fail.
+    model_load_timeout_s: float = 300.0
+    #: Per task: the worker's resident memory ceiling in MB (0: none).  The service kills
+    #: and restarts a worker past it.  Measured on the CPU (2 torch threads), peak with the
+    #: model loaded and a batch of legal 49-megapixel PNGs: classify 2.0 GB (8 at once),
+    #: zebra 1.2 GB, caption 1.4 GB; a GPU worker's CUDA libraries need more.
+    classify_max_memory_mb: int = 3072
+    zebra_max_memory_mb: int = 2048
+    caption_max_memory_mb: int = 2560
 
     @classmethod
     def from_env(

@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ from PIL import Image
 
 from config import Settings
 from inference.errors import InferenceError
-from inference.service import TASKS, InferenceService
+from inference.service import TASKS, InferenceBackend, InferenceService
+from inference.service.types import percentile
 
 #: The sample photos bundled with the package (package data), so `bench` works wherever it is installed.
 DEFAULT_IMAGES = Path(__file__).resolve().parent / "samples"
@@ -169,13 +169,6 @@ class LoopLagMonitor:
             self.max_lag_s = max(self.max_lag_s, time.perf_counter() - before - self.tick_s)
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (`fraction` in 0..1) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
 def figures(latencies: list[float], errors: int, seconds: float, max_lag_s: float) -> RunFigures:
     done = latencies or [math.nan]
     return RunFigures(
@@ -190,16 +183,12 @@ def figures(latencies: list[float], errors: int, seconds: float, max_lag_s: floa
     )
 
 
-async def call_task(service: InferenceService, task: str, data: bytes, user: object) -> Any:
-    if task == "classify":
-        return await service.classify(data, user=user)
-    if task == "zebra":
-        return await service.zebra(data, user=user)
-    return await service.caption(data, user=user)
+async def call_task(service: InferenceBackend, task: str, data: bytes, user: object) -> Any:
+    return await service.submit(task, data, user=user)
 
 
 async def measure_service(
-    service: InferenceService, task: str, inputs: list[BenchInput], requests: int, concurrency: int
+    service: InferenceBackend, task: str, inputs: list[BenchInput], requests: int, concurrency: int
 ) -> RunFigures:
     await service.warm_up(task)
     # One full-size burst first: the worker's first batches allocate what later ones reuse.
@@ -240,7 +229,7 @@ class NaiveBaseline:
         from inference.registry import load_pipeline, resolve_device
         from inference.worker import worker_threads
 
-        torch.set_num_threads(worker_threads(settings))  # as many as the worker gets
+        torch.set_num_threads(worker_threads(settings.torch_threads))  # as many as the worker gets
         self.pipeline = load_pipeline(task, settings, resolve_device(settings.device))
         self.limits = ImageLimits.from_settings(settings)
         self.inputs = inputs
@@ -302,7 +291,7 @@ async def run_bench(
         requests=requests,
         concurrency=concurrency,
         inputs=[f"{item.name} ({item.size[0]}×{item.size[1]}, {len(item.data) / 1e6:.2f} MB)" for item in inputs],
-        torch_threads=worker_threads(settings),
+        torch_threads=worker_threads(settings.torch_threads),
         max_batch_size=settings.max_batch_size,
         max_batch_wait_ms=settings.max_batch_wait_ms,
         service=result,

@@ -5,16 +5,29 @@ from a file name or URL), limits on bytes and on pixels are checked *before* any
 (so a decompression bomb is refused, not decoded), EXIF orientation is applied, and every mode
 Pillow can produce is turned into plain 8-bit RGB.  Anything else is an `InvalidImage` with a
 message fit to show the person who sent it.
+
+A header is checked against more than its pixel count: what a decoder will spend is bounded by
+the image, not by what its structures declare.  The long side may be at most `max_aspect_ratio`
+times the short side; a JPEG may have at most `max_jpeg_scans` scans (libjpeg walks every block
+of the image once per scan); a TIFF's tiles may not be much larger than the image (libtiff
+allocates a whole tile before reading it) nor its strips and tiles point past the end of the
+file.  Only the first frame of an animation is ever decoded.
+
+The preprocessing helpers at the end (`scale_to_fit`, `resize_center_crop`) are plain Pillow, so
+that every runtime (torch, ONNX Runtime, none) gets the same bounded work for thin images.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from config import Settings
 from inference.errors import InvalidImage
 
 #: Formats we accept, as Pillow's openers name them.  The JPEG opener also reads MPO, what many
@@ -26,14 +39,35 @@ _FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _BACKGROUND = (255, 255, 255)
 
 
+#: A TIFF tile side may exceed the image's side rounded up to the 16-pixel grid the format asks
+#: of tiles, but only up to this: small images tiled at 256, 512 or 1024 are common and cheap.
+_TIFF_TILE_ALLOWANCE = 1024
+
+#: Rows of a high-bit-depth image converted at once: bounds the float32 working copy.
+_CONVERSION_ROWS = 256
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 25 * 1024 * 1024
-    max_pixels: int = 50_000_000
+    """What one decode may cost; `config.Settings` names each one (see the README), and its
+    defaults are the settings' defaults, written there once."""
+
+    max_bytes: int = Settings.max_image_bytes
+    max_pixels: int = Settings.max_image_pixels
+    #: The long side may be at most this many times the short side.
+    max_aspect_ratio: float = Settings.max_image_aspect_ratio
+    #: Start-of-scan markers a JPEG may have.  Real encoders write 1 (baseline), about 10
+    #: (libjpeg's progressive script) or a few dozen at most (mozjpeg, Photoshop).
+    max_jpeg_scans: int = Settings.max_jpeg_scans
 
     @classmethod
-    def from_settings(cls, settings) -> ImageLimits:  # settings: config.Settings
-        return cls(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    def from_settings(cls, settings: Settings) -> ImageLimits:
+        return cls(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_image_aspect_ratio,
+            max_jpeg_scans=settings.max_jpeg_scans,
+        )
 
 
 def decode_image(
@@ -73,7 +107,18 @@ def decode_image(
             f"That image is too large ({width}×{height} = {width * height / 1e6:.0f} megapixels); "
             f"the limit is {limits.max_pixels / 1e6:.0f} megapixels."
         )
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise InvalidImage(
+            f"That image is {width}×{height} pixels: too thin to use "
+            f"(its long side may be at most {limits.max_aspect_ratio:g} times its short side)."
+        )
+    if image.format in ("JPEG", "MPO"):
+        _check_jpeg_scans(data, limits.max_jpeg_scans)
+    elif image.format == "TIFF":
+        _check_tiff_layout(image, len(data))
 
+    # Pillow's openers stop at the first frame of an animation (GIF, WebP, APNG, multi-page
+    # TIFF, MPO) and nothing here seeks further: later frames are never decoded.
     try:
         if draft_size is not None and image.format in ("JPEG", "MPO"):
             image.draft(None, _draft_request(draft_size))
@@ -107,15 +152,160 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grayscale: Pillow's convert() clips at 255, which turns them white."""
-    pixels = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-    if image.mode == "I" and top <= 255.0:
-        top = 255.0
-    if image.mode == "I" and 255.0 < top <= 65535.0:
-        top = 65535.0  # 16-bit PNGs open as mode "I"
-    gray = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode="L").convert("RGB")
+    """16-bit and 32-bit grayscale: Pillow's convert() clips at 255, which turns them white.
+
+    The tones are scaled into 0–255 a band of rows at a time, in float32: a whole-image float64
+    copy of a legal 49-megapixel 16-bit PNG would be 400 MB, three times its RGB result.
+    """
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:  # "I" (32-bit integer) or "F" (32-bit float): scale by the brightest value
+        _, brightest = image.getextrema()
+        brightest = float(brightest) if math.isfinite(brightest) else 1.0
+        top = max(brightest, 1.0)
+        if image.mode == "I":  # integer images are 8- or 16-bit data more often than not
+            top = 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
+    width, height = image.size
+    gray = np.empty((height, width), dtype=np.uint8)
+    for top_row in range(0, height, _CONVERSION_ROWS):
+        rows = image.crop((0, top_row, width, min(height, top_row + _CONVERSION_ROWS)))
+        band = np.array(rows, dtype=np.float32)  # a writable copy of the band, whatever the mode
+        np.nan_to_num(band, copy=False, nan=0.0, posinf=top, neginf=0.0)
+        band *= 255.0 / top
+        band += 0.5  # rounds on the truncating cast below
+        np.clip(band, 0.0, 255.0, out=band)
+        gray[top_row : top_row + band.shape[0]] = band
+    return Image.fromarray(gray).convert("RGB")  # uint8, 2-D: mode "L"
+
+
+# --- structures that declare more than the image needs ----------------------------------------
+
+#: A marker: 0xFF then a code that is not a stuffed zero (0x00), a fill byte (0xFF) or a restart
+#: marker (RST0–7, which sit inside entropy-coded data).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+#: Markers without a length field besides RSTn (which the pattern skips): TEM and SOI.
+_JPEG_STANDALONE = (0x01, 0xD8)
+
+
+def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """Start-of-scan markers of the first image in a JPEG, counted from the markers alone.
+
+    Segments are skipped by their length (an EXIF thumbnail holds markers of its own); after a
+    scan's header, the entropy-coded data is searched for the next marker.  Counting stops at the
+    first EOI (an MPO's further frames follow it) or once the count passes `stop_after`.  No
+    pixel is decoded: a 25 MB file takes milliseconds.
+    """
+    scans = 0
+    position = 2  # after SOI
+    while (match := _JPEG_MARKER.search(data, position)) is not None:
+        marker = data[match.start() + 1]
+        position = match.end()
+        if marker == _JPEG_EOI:
+            break
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker == _JPEG_SOS:
+            scans += 1
+            if stop_after is not None and scans > stop_after:
+                break
+        if position + 2 > len(data):
+            break
+        position += int.from_bytes(data[position : position + 2], "big")
+    return scans
+
+
+def _check_jpeg_scans(data: bytes, max_scans: int) -> None:
+    # libjpeg walks every block of the image once per scan, so a progressive JPEG of a few MB
+    # with tens of thousands of empty scans takes minutes to decode (libjpeg-turbo's own djpeg
+    # has -maxscans for this).  Count them first, the way djpeg would refuse them.
+    if count_jpeg_scans(data, stop_after=max_scans) > max_scans:
+        raise InvalidImage(
+            f"That JPEG has more than {max_scans} scans, far more than any camera or editor writes; "
+            "it looks built to be slow to decode."
+        )
+
+
+def _check_tiff_layout(image: Image.Image, file_size: int) -> None:
+    """Tiles and strips against the image and the file, from the tags Pillow has parsed.
+
+    libtiff allocates a whole tile before reading it: a 16×16 image declaring a 46336×46336 tile
+    costs gigabytes.  A tile side may exceed the image side only up to the 16-pixel grid TIFF
+    asks of tiles, or up to 1024 pixels for small images.  Strips cannot: libtiff bounds a strip
+    by the image's height (RowsPerStrip may be "infinite" by the spec).
+    """
+    tags = image.tag_v2
+    width, height = image.size
+    tile_width, tile_height = tags.get(322), tags.get(323)  # TileWidth, TileLength
+    if tile_width is not None or tile_height is not None:
+        for tile_side, side in ((tile_width or 0, width), (tile_height or 0, height)):
+            if tile_side > max(-(-side // 16) * 16, _TIFF_TILE_ALLOWANCE):
+                raise InvalidImage(
+                    f"That TIFF is {width}×{height} pixels but declares tiles of "
+                    f"{tile_width}×{tile_height}: refused before decoding."
+                )
+    # StripOffsets/StripByteCounts, or TileOffsets/TileByteCounts: no data past the end.
+    offsets = tags.get(273) or tags.get(324) or ()
+    byte_counts = tags.get(279) or tags.get(325) or ()
+    for offset, byte_count in zip(_as_tuple(offsets), _as_tuple(byte_counts)):
+        if offset + byte_count > file_size:
+            raise InvalidImage("That TIFF declares more image data than the file holds: it is truncated or corrupt.")
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+# --- preprocessing, bounded by the output ------------------------------------------------------
+
+
+def scale_to_fit(width: int, height: int, *, short_side: float, max_long_side: float, enlarge: bool = True) -> float:
+    """The factor that brings the short side to `short_side`, unless the long side would then
+    pass `max_long_side`; then the long side is `max_long_side` (and the short side smaller).
+
+    Without the cap, a 1×20000 image brought to a short side of 256 is 256×5,120,000 pixels
+    (gigabytes); with it, the work is bounded by `short_side` × `max_long_side` whatever the
+    image.  `enlarge=False` never scales up.
+    """
+    scale = min(short_side / min(width, height), max_long_side / max(width, height))
+    return scale if enlarge else min(1.0, scale)
+
+
+def resize_center_crop(
+    image: Image.Image, resize: int, crop: int, resample: Image.Resampling = Image.Resampling.BILINEAR
+) -> Image.Image:
+    """torchvision's `Resize(resize)` then `CenterCrop(crop)` on a PIL image, in one bounded step.
+
+    Only the source region that ends up in the crop is resampled (Pillow's `resize(box=...)`
+    reads the neighbouring pixels its filter needs), so the cost is crop × crop whatever the
+    aspect ratio: the full `Resize` of a 1×20000 image would be 256×5,120,000 pixels first.  The
+    sampling grid is torchvision's (its rounding of sizes and offsets), so the pixels match the
+    two transforms'.  Where the scaled image is smaller than the crop, the rest is black, as
+    `CenterCrop` pads.
+    """
+    width, height = image.size
+    # torchvision: the short side becomes `resize`, the long side int(resize * long / short).
+    if width <= height:
+        scaled_width, scaled_height = resize, int(resize * height / width)
+    else:
+        scaled_width, scaled_height = int(resize * width / height), resize
+    left, right, out_width, pad_x = _crop_span(width, scaled_width, crop)
+    top, bottom, out_height, pad_y = _crop_span(height, scaled_height, crop)
+    resized = image.resize((out_width, out_height), resample, box=(left, top, right, bottom))
+    if (out_width, out_height) == (crop, crop):
+        return resized
+    canvas = Image.new(resized.mode, (crop, crop))  # black, like CenterCrop's padding
+    canvas.paste(resized, (pad_x, pad_y))
+    return canvas
+
+
+def _crop_span(side: int, scaled_side: int, crop: int) -> tuple[float, float, int, int]:
+    """Along one axis: (source start, source end, output length, padding before)."""
+    source_per_scaled = side / scaled_side
+    if scaled_side < crop:  # CenterCrop pads: all of the side, centred
+        return 0.0, float(side), scaled_side, (crop - scaled_side) // 2
+    offset = int(round((scaled_side - crop) / 2.0))  # CenterCrop's own rounding
+    return offset * source_per_scaled, (offset + crop) * source_per_scaled, crop, 0
 
 
 def _draft_request(draft_size: tuple[int, int]) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import shutil
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -106,13 +107,25 @@ def resnet101_layout() -> Layout:
     }
 
 
-def write_captioner_dir(directory: str | Path, *, seed: int = 0, split_encoder: bool = True) -> Path:
+def write_captioner_dir(
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    split_encoder: bool = True,
+    word_logit_bias: Mapping[int, float] | None = None,
+) -> Path:
     """fc-model.pth, fc-infos.pkl (the real one) and the encoder, as resnet101a.pth +
-    resnet101b.pth (two byte halves, as published) or as one resnet101.pth."""
+    resnet101b.pth (two byte halves, as published) or as one resnet101.pth.
+
+    `word_logit_bias` ({word index: amount}) is added to those words' `logit.bias`.  Random
+    weights favour the end token (index 0) and UNK (index VOCAB_SIZE) no more than any other
+    word; a test of the decoding rules needs a model that ends captions and prefers UNK."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     fc_model = OrderedDict((key, _random_tensor(key, shape, generator)) for key, shape in fc_model_layout().items())
+    for word, amount in (word_logit_bias or {}).items():
+        fc_model["logit.bias"][word] += amount
     _save(fc_model, directory / "fc-model.pth")
     shutil.copyfile(REAL_FC_INFOS, directory / "fc-infos.pkl")
     encoder = io.BytesIO()
@@ -172,3 +185,145 @@ def _save(state: OrderedDict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path, _use_new_zipfile_serialization=False)
     return path
+
+
+# --- hostile files: what a file declares, written without building it ---------------------------
+# A hostile checkpoint declares tensors and storages it does not hold (or holds compressed).
+# These writers pickle exactly what torch.save would, from declarations, so that a test can make
+# a 1 GiB storage without ever allocating 1 GiB.
+
+import pickle  # noqa: E402  (kept with the writers that need it)
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_STORAGE_TYPES = {torch.float32: torch.FloatStorage, torch.float16: torch.HalfStorage, torch.int64: torch.LongStorage}
+
+
+class _Storage:
+    def __init__(self, key: str, storage_type: type, numel: int, location: str) -> None:
+        self.key, self.storage_type, self.numel, self.location = key, storage_type, numel, location
+
+
+class _Tensor:
+    """Pickles as torch.save pickles a dense tensor (torch._utils._rebuild_tensor_v2)."""
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]) -> None:
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self):
+        stride, step = [], 1
+        for extent in reversed(self.shape):
+            stride.insert(0, step)
+            step *= extent
+        return (torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, tuple(stride), False, OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, legacy: bool) -> None:
+        super().__init__(file, protocol=2)
+        self.legacy = legacy
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            declared = ("storage", obj.storage_type, obj.key, obj.location, obj.numel)
+            return declared + (None,) if self.legacy else declared
+        return None
+
+
+def write_declared_checkpoint(
+    path: str | Path,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    legacy: bool = False,
+    storage_numel: dict[str, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    location: str = "cpu",
+    deflate: bool = False,
+) -> Path:
+    """A checkpoint of zero-filled tensors of `shapes`, whose storages *declare*
+    `storage_numel[key]` elements (default: the tensor's own).
+
+    zip format: each `data/N` entry is as long as its declaration says, deflate-compressed when
+    `deflate` (so 1 GiB of zeros takes ~1 MB of file).  legacy format: each storage's header
+    states the declared count, but only the tensor's own bytes follow.
+    """
+    storage_numel = storage_numel or {}
+    storage_type = _STORAGE_TYPES[dtype]
+    element = dtype.itemsize
+    storages, state = [], OrderedDict()
+    for index, (key, shape) in enumerate(shapes.items()):
+        numel = 1
+        for extent in shape:
+            numel *= extent
+        storage = _Storage(str(index), storage_type, storage_numel.get(key, numel), location)
+        storages.append((storage, numel * element))
+        state[key] = _Tensor(storage, shape)
+    body = io.BytesIO()
+    if legacy:
+        for header in (_LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(header, body, protocol=2)
+        _Pickler(body, legacy=True).dump(state)
+        pickle.dump([storage.key for storage, _ in storages], body, protocol=2)
+        for storage, real_bytes in storages:
+            body.write(struct.pack("<q", storage.numel) + bytes(real_bytes))
+        Path(path).write_bytes(body.getvalue())
+        return Path(path)
+    _Pickler(body, legacy=False).dump(state)
+    entries = [("archive/data.pkl", body.getvalue()), ("archive/byteorder", b"little"), ("archive/version", b"3")]
+    writer = _ZipWriter()
+    for name, data in entries:
+        writer.add_stored(name, data)
+    for storage, _ in storages:
+        size = storage.numel * element
+        if deflate:
+            writer.add_deflated_zeros(f"archive/data/{storage.key}", size)
+        else:
+            writer.add_stored(f"archive/data/{storage.key}", bytes(size))
+    Path(path).write_bytes(writer.finish())
+    return Path(path)
+
+
+class _ZipWriter:
+    """Just enough of the zip format for the writer above (no zip64: entries under 4 GiB)."""
+
+    _MiB = 1 << 20
+
+    def __init__(self) -> None:
+        self.out = io.BytesIO()
+        self.central: list[bytes] = []
+
+    def _add(self, name: str, method: int, crc: int, compressed: bytes, size: int) -> None:
+        encoded = name.encode()
+        offset = self.out.tell()
+        fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0, crc, len(compressed), size, len(encoded), 0)
+        self.out.write(b"PK\x03\x04" + fields + encoded + compressed)
+        self.central.append(
+            b"PK\x01\x02" + struct.pack("<H", 20) + fields + struct.pack("<HHHII", 0, 0, 0, 0, offset) + encoded
+        )
+
+    def add_stored(self, name: str, data: bytes) -> None:
+        self._add(name, 0, zlib.crc32(data), data, len(data))
+
+    def add_deflated_zeros(self, name: str, size: int) -> None:
+        # After a full flush deflate forgets its history, so each further MiB of zeros
+        # compresses to the same bytes: compute them once and repeat them.
+        compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+        zeros = bytes(self._MiB)
+        first = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+        repeated = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+        whole, rest = divmod(size, self._MiB)
+        parts = [first] + [repeated] * (whole - 1) if whole else []
+        parts.append(compressor.compress(bytes(rest)) + compressor.flush())
+        crc = 0
+        for _ in range(whole):
+            crc = zlib.crc32(zeros, crc)
+        crc = zlib.crc32(bytes(rest), crc)
+        self._add(name, 8, crc, b"".join(parts), size)
+
+    def finish(self) -> bytes:
+        start = self.out.tell()
+        directory = b"".join(self.central)
+        self.out.write(directory)
+        self.out.write(b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(self.central), len(self.central), len(directory), start, 0))
+        return self.out.getvalue()

@@ -13,6 +13,15 @@ IMAGES = REPO_ROOT / "inference" / "samples"
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
+def assert_dog(predictions: object) -> None:
+    """The classifier's answer to the book's dog photo: a list of predictions, golden retriever first."""
+    from inference.pipeline import Prediction
+
+    assert isinstance(predictions, list) and predictions
+    assert all(isinstance(p, Prediction) for p in predictions)
+    assert predictions[0].label == "golden retriever"
+
+
 @pytest.fixture(scope="session")
 def bobby_jpg() -> bytes:
     return (IMAGES / "bobby.jpg").read_bytes()

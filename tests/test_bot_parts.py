@@ -146,3 +146,47 @@ def test_python_m_bot_without_a_usable_token_explains_and_exits_non_zero(tmp_pat
 
 def test_procfile_runs_the_bot_as_a_worker():
     assert (REPO_ROOT / "Procfile").read_text().strip() == "worker: python -m bot"
+
+
+# --- what the answers say (issue 12: spoilers, skipped images, upload limit, help) ---------------
+
+
+def test_spoilered_names_and_links_stay_hidden_and_links_are_not_previewed():
+    from bot.formatting import caption_message, source_text, zebra_message
+
+    assert source_text("dog.jpg") == "dog.jpg"
+    assert source_text("dog.jpg", spoiler=True) == "||dog.jpg||"
+    assert source_text("https://a.example/x.png", link=True) == "<https://a.example/x.png>"
+    assert source_text("https://a.example/x.png", spoiler=True, link=True) == "||<https://a.example/x.png>||"
+    assert caption_message("a dog", source="s.jpg", spoiler=True) == "📝 ||s.jpg||: ||a dog||"
+    assert zebra_message("https://a.example/h.jpg", spoiler=True, link=True) == "🦓 ||<https://a.example/h.jpg>||, zebra-fied"
+    hidden = classification_embed([Prediction("dog", 90.0)], source="secret.jpg", model="m", spoiler=True)
+    assert "secret" not in hidden.title and hidden.description.splitlines()[0] == "||secret.jpg||"
+
+
+def test_skipped_images_are_named():
+    from bot.formatting import skipped_message
+
+    assert skipped_message(["c.jpg", "||d.jpg||"], 2) == "I answer up to 2 images per message; skipped: c.jpg, ||d.jpg||."
+
+
+def test_an_interactions_upload_limit_is_the_one_discord_sent_with_it():
+    from types import SimpleNamespace
+
+    from bot.formatting import DEFAULT_UPLOAD_LIMIT, upload_limit
+
+    guild = SimpleNamespace(filesize_limit=10 * 2**20)
+    interaction = SimpleNamespace(filesize_limit=25 * 2**20)
+    assert upload_limit(guild, interaction) == 25 * 2**20  # not the guild's alone
+    assert upload_limit(guild) == 10 * 2**20
+    assert upload_limit(None, interaction) == 25 * 2**20  # a DM
+    assert upload_limit(None) == DEFAULT_UPLOAD_LIMIT
+
+
+def test_help_without_the_content_intent_offers_slash_commands_only():
+    from bot.cogs.vision import usage
+    from bot.formatting import help_embed
+
+    assert "`!command`" in help_embed("!").description
+    assert "!" not in help_embed("!", prefix_commands=False).description
+    assert "`!zebra`" in usage("zebra", "!") and "!" not in usage("zebra", "!", prefix_commands=False)

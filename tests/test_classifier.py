@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 import textwrap
 from pathlib import Path
@@ -49,9 +48,30 @@ def test_top_k_per_request_in_one_batch(lite0, bobby_jpg):
     assert short[0] == long[0]
 
 
+def test_without_top_the_tasks_default_applies(lite0, bobby_jpg):
+    from inference.tasks import get_task
+
+    top = get_task("classify").option("top").default
+    image = decode_image(bobby_jpg)
+    assert len(lite0.run([lite0.preprocess(image)], [{}])[0]) == top
+    assert len(lite0.classify(image)) == top
+
+
 def test_categories_come_from_torchvision_weights():
     categories = imagenet_categories()
-    assert len(categories) == 1000 and categories[207] == "golden retriever"
+    assert categories == torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    # Independent of torchvision: ImageNet's class order, as every ImageNet model indexes it.
+    assert len(categories) == 1000
+    assert (categories[0], categories[207], categories[339], categories[999]) == (
+        "tench", "golden retriever", "sorrel", "toilet tissue")
+
+
+def expected_labels(model, tensor, categories, k):
+    """The top-k labels computed here: the model's own ranking of the indices → the given list."""
+    with torch.inference_mode():
+        probabilities = torch.softmax(model.eval()(tensor.unsqueeze(0)), dim=1)[0]
+    values, indices = probabilities.topk(k)
+    return [(categories[i], pytest.approx(100.0 * v, abs=1e-3)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
 # --- torchvision models through torchvision's own cache path ----------------------------------
@@ -80,7 +100,11 @@ def test_resnet101_loads_from_the_torch_hub_cache(torch_home, resnet101_state):
     tensor = pipeline.preprocess(Image.new("RGB", (640, 480), (10, 200, 30)))
     assert tensor.shape == (3, 224, 224)  # torchvision's transforms for these weights
     predictions = pipeline.run([tensor], [{"top": 3}])[0]
-    assert len(predictions) == 3 and all(p.label in weights.meta["categories"] for p in predictions)
+    reference = torchvision.models.resnet101(weights=None)
+    reference.load_state_dict(resnet101_state)
+    assert [(p.label, p.probability) for p in predictions] == expected_labels(
+        reference, tensor, weights.meta["categories"], 3
+    )
 
 
 def test_missing_torchvision_weights_name_the_file_and_url(torch_home):
@@ -133,8 +157,15 @@ def test_local_hub_directory(tmp_path, bobby_jpg):
         )
     )
     pipeline = load_classifier(f"hub:{tmp_path}:tiny", CPU)
-    predictions = pipeline.classify(decode_image(bobby_jpg), top=2)
-    assert [p.label in imagenet_categories() for p in predictions] == [True, True]
+    image = decode_image(bobby_jpg)
+    predictions = pipeline.classify(image, top=2)
+    torch.manual_seed(0)
+    tiny = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1000))
+    # A model without `categories` is labelled with ImageNet's, taken here from torchvision itself.
+    categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    assert [(p.label, p.probability) for p in predictions] == expected_labels(
+        tiny, pipeline.preprocess(image), categories, 2
+    )
 
 
 def test_github_hub_repos_need_trust():
@@ -152,12 +183,12 @@ def test_weights_download_accepts_torchvision_names(torch_home, resnet101_state,
     import argparse
 
     from config import Settings
-    from inference import weights
+    from inference.cli import add_weights_cli
 
     url = torchvision.models.ResNet101_Weights.DEFAULT.url
     torch.save(resnet101_state, torch_home / Path(url).name)  # already cached: nothing is fetched
     parser = argparse.ArgumentParser()
-    weights.add_cli(parser.add_subparsers())
+    add_weights_cli(parser.add_subparsers())
     args = parser.parse_args(["weights", "download", "resnet101"])
     assert args.handler(args, Settings()) == 0
     assert str(torch_home / Path(url).name) in capsys.readouterr().out

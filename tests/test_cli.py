@@ -136,3 +136,137 @@ def test_torch_hub_loads_the_zebra_generator(generated_weights_dir):
     assert sum(p.numel() for p in generator.parameters()) == 11_378_179
     with torch.inference_mode():
         assert generator(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+# --- inputs and outputs that are not plain files ----------------------------------------------
+# The two that would hang or eat memory if they regressed run in a child process with a time
+# limit; the others call `main` in this process (the same code, without the start-up cost).
+
+
+def run_cli_quickly(*args: str, tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`run_cli`, but a hang fails the test within `timeout` seconds instead of four minutes."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "inference", *args],
+            cwd=tmp_path,
+            env={**os.environ, "WEIGHTS_DIR": str(tmp_path / "no-weights"), "AUTO_DOWNLOAD": "0"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"python -m inference {' '.join(args)} still running after {timeout} s")
+
+
+@pytest.fixture
+def run_main(tmp_path, monkeypatch, capsys):
+    """Calls `inference.cli.main` in this process → a CompletedProcess-like result."""
+    from inference.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "no-weights"))
+    monkeypatch.setenv("AUTO_DOWNLOAD", "0")
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        returncode = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, returncode, captured.out, captured.err)
+
+    return run
+
+
+def test_a_fifo_as_input_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # nobody ever writes to it: reading it would wait forever
+    result = run_cli_quickly("classify", str(fifo), tmp_path=tmp_path)
+    line = assert_one_line_error(result)
+    assert result.returncode in (1, 2)
+    assert "photo.jpg" in line and "a FIFO, not a regular file" in line
+
+
+def test_a_device_as_input_is_refused_not_read(tmp_path):
+    result = run_cli_quickly("classify", "/dev/zero", tmp_path=tmp_path, timeout=30)
+    line = assert_one_line_error(result)
+    assert result.returncode in (1, 2)
+    assert "/dev/zero" in line and "character device" in line
+
+
+@pytest.mark.parametrize("command", ["caption", "zebra"])
+def test_every_command_refuses_a_fifo(tmp_path, run_main, command):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    extra = ["--output", str(tmp_path / "z.png")] if command == "zebra" else []
+    line = assert_one_line_error(run_main(command, str(fifo), *extra))
+    assert "a FIFO, not a regular file" in line
+
+
+def test_a_directory_as_input_is_still_refused(tmp_path, run_main):
+    line = assert_one_line_error(run_main("classify", str(tmp_path)))
+    assert "directory" in line
+
+
+def test_an_input_larger_than_the_limit_is_refused_without_reading_it_all(tmp_path, run_main):
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as file:
+        file.truncate(3 * 1024 * 1024)  # sparse: costs no disk
+    line = assert_one_line_error(run_main("classify", str(big), MAX_IMAGE_BYTES=str(1024 * 1024)))
+    assert "big.jpg is larger than the 1 MB" in line
+
+
+def test_an_output_that_is_a_directory_is_one_line(tmp_path, run_main):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = run_main("zebra", str(IMAGES / "horse.jpg"), "--output", str(folder))
+    line = assert_one_line_error(result)
+    assert result.returncode in (1, 2)
+    assert "is a directory" in line and str(folder) in line
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, run_main):
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("a file, not a folder")
+    result = run_main("zebra", str(IMAGES / "horse.jpg"), "--output", str(not_a_folder / "z.png"))
+    line = assert_one_line_error(result)
+    assert result.returncode in (1, 2) and "z.png" in line
+    line = assert_one_line_error(run_main("zebra", str(IMAGES / "horse.jpg"), "-o", str(tmp_path / "z.nosuchformat")))
+    assert "unknown image extension" in line
+    if os.geteuid() != 0:  # root writes anywhere: the permission check only bites for others
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        line = assert_one_line_error(run_main("zebra", str(IMAGES / "horse.jpg"), "-o", str(locked / "z.png")))
+        assert "permission denied" in line.lower()
+
+
+def test_the_output_is_checked_before_the_model_runs(tmp_path, run_main, generated_weights_dir, monkeypatch):
+    """With working weights, the output check still comes first (nothing is computed in vain),
+    and an output folder that does not exist yet is still created."""
+    from inference.models import cyclegan
+
+    checkpoint = generated_weights_dir / "cyclegan" / "horse2zebra_0.4.0.pth"
+    folder = tmp_path / "taken.png"
+    folder.mkdir()
+    loads = []
+    real_from_checkpoint = cyclegan.ZebraPipeline.from_checkpoint
+    monkeypatch.setattr(
+        cyclegan.ZebraPipeline, "from_checkpoint", lambda *a, **k: loads.append(a) or real_from_checkpoint(*a, **k)
+    )
+    line = assert_one_line_error(run_main("zebra", str(IMAGES / "horse.jpg"), "-o", str(folder), "--weights", str(checkpoint)))
+    assert "is a directory" in line and loads == []
+    fresh = tmp_path / "new" / "deeper" / "z.png"
+    result = run_main("zebra", str(IMAGES / "horse.jpg"), "-o", str(fresh), "--weights", str(checkpoint), "--size", "64")
+    assert result.returncode == 0, result.stderr
+    assert fresh.is_file() and len(loads) == 1
+
+
+def test_zebra_model_names_come_from_the_registry(tmp_path, run_main):
+    # A style of the catalogue is a model the command knows (its weights are simply missing)…
+    line = assert_one_line_error(run_main("zebra", str(IMAGES / "horse.jpg"), "-o", str(tmp_path / "z.png"),
+                                          "--model", "style_vangogh"))
+    assert "weights download style_vangogh" in line
+    # …a classifier is not a zebra model, and the answer names the styles there are.
+    line = assert_one_line_error(run_main("zebra", str(IMAGES / "horse.jpg"), "-o", str(tmp_path / "z.png"),
+                                          "--model", "efficientnet_lite0"))
+    assert "Unknown zebra model 'efficientnet_lite0'" in line and "style_monet" in line

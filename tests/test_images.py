@@ -95,6 +95,15 @@ def test_pixel_limit_counts_pixels_not_bytes():
 # --- accepted, and made RGB -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("format", ["PPM", "PCX", "ICO", "SGI", "TGA", "DDS", "QOI"])
+def test_formats_pillow_reads_but_we_do_not_accept_are_refused(format):
+    # Every one of these decodes with a bare Image.open: only the allow-list refuses them.
+    data = encode(Image.new("RGB", (32, 32), (200, 10, 10)), format)
+    assert Image.open(io.BytesIO(data)).size == (32, 32)
+    with pytest.raises(InvalidImage, match="not an image I can read"):
+        decode_image(data)
+
+
 @pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_formats_are_sniffed_from_content(format):
     image = Image.new("RGB", (32, 24), (200, 30, 30))
@@ -167,3 +176,23 @@ def test_draft_mode_decodes_big_jpegs_smaller_but_large_enough(bobby_jpg):
     assert full.size == (4000, 3000)
     assert drafted.size == (500, 375)  # 1/8 scale: the smallest that is still ≥ 256 on each side
     assert decode_image(phone_photo, draft_size=(512, 512)).size == (1000, 750)
+
+
+# --- found by mutation testing (mutmut over inference/images.py) --------------------------------
+
+
+def test_a_file_of_exactly_the_byte_limit_is_accepted(bobby_jpg):
+    assert decode_image(bobby_jpg, ImageLimits(max_bytes=len(bobby_jpg))).size == Image.open(io.BytesIO(bobby_jpg)).size
+
+
+def test_the_pixel_refusal_gives_the_size_and_the_limit_in_megapixels():
+    # 7 × 357143 = 2,500,001 pixels: "3" megapixels, where a divisor one off would say "2".
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(png_header_only(7, 357_143), ImageLimits(max_pixels=1_500_001))
+    assert str(caught.value) == "That image is too large (7×357143 = 3 megapixels); the limit is 2 megapixels."
+
+
+def test_a_bomb_past_pillows_own_limit_is_refused_as_too_many_pixels():
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(png_header_only(100_000, 100_000))
+    assert str(caught.value) == "That image has too many pixels to decode safely."

@@ -56,8 +56,15 @@ NOT_PUBLIC = [
     "64:ff9b::7f00:1",  # NAT64 around 127.0.0.1
     "64:ff9b::a9fe:a9fe",  # NAT64 around 169.254.169.254
     "2001:db8::1",  # documentation
+    "fec0::1",  # site-local (deprecated, still not public; ipaddress calls it global)
+    "feff:ffff::1",
+    "3fff::1",  # documentation, RFC 9637 (newer than ipaddress's tables)
+    "3fff:fff:ffff::1",
 ]
-PUBLIC = ["8.8.8.8", "1.1.1.1", "151.101.1.140", "2606:4700::1111", "2a00:1450:4001::1", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+PUBLIC = [
+    "8.8.8.8", "1.1.1.1", "151.101.1.140", "2606:4700::1111", "2a00:1450:4001::1", "::ffff:8.8.8.8", "64:ff9b::808:808",
+    "3fff:1000::1",  # just past RFC 9637's 3fff::/20
+]
 
 
 @pytest.mark.parametrize("address", NOT_PUBLIC)
@@ -155,6 +162,63 @@ async def test_only_plain_https_links_are_accepted_by_default(url: str, message:
         await fetcher.fetch(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[é:1.example.test]/",  # IDNA turns it into "xn--:1-9ia.example.test": aiohttp sees an address
+        "https://exa_mple.com/",
+        "https://a..example/",
+        "https://-a.example/",
+        "https://a-.example/",
+        "https://foo%2e.example/",
+        "https://a\x00b.example/",
+        "https://ex ample.example/",
+        "https://" + "a" * 64 + ".example/",  # a label longer than 63
+        "https://" + "a." * 127 + "example/",  # a name longer than 253
+    ],
+)
+async def test_a_host_that_is_neither_an_address_nor_a_dns_name_is_refused(server, loopback_fetcher, url):
+    with pytest.raises(ImageFetchError, match="not a valid host name"):
+        loopback_fetcher.check_url(url)
+    # …also when a redirect leads there (the loopback server is allowed, the host is not).
+    if "\x00" not in url and " " not in url:  # what an HTTP header can carry (UTF-8 on the wire)
+        server.redirect("/odd", url.encode().decode("latin-1"))
+        with pytest.raises(ImageFetchError, match="not a valid host name"):
+            await loopback_fetcher.fetch(server.url("/odd"))
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://例え.jp/a", "xn--r8jz45g.jp"),
+        ("https://xn--r8jz45g.jp/", "xn--r8jz45g.jp"),
+        ("https://Example.COM./a.jpg", "example.com."),
+        ("https://a-b.c0.example/", "a-b.c0.example"),
+        ("https://[2606:4700::1111]/", "2606:4700::1111"),
+    ],
+)
+def test_dns_names_and_checked_literals_pass_the_form_check(url, host):
+    assert ImageFetcher(Settings()).check_url(url).raw_host == host
+
+
+@pytest.mark.parametrize("url", ["https://\udcff.example/", "https://example.com:99999/", "http://[::1/", "https://[::1]x/"])
+async def test_malformed_links_are_one_fetch_error(url):
+    fetcher = ImageFetcher(Settings(allow_http_urls=True))
+    try:
+        with pytest.raises(ImageFetchError, match="not a valid URL"):
+            await fetcher.fetch(url)
+    finally:
+        await fetcher.close()
+
+
+@pytest.mark.parametrize("location", ["//[é:1.x]/", "http://127.0.0.1:99999/", "http://[::1/", "http://\udcff.example/"])
+async def test_a_malformed_location_is_one_fetch_error_and_the_next_fetch_works(server, loopback_fetcher, bobby_jpg, location):
+    server.redirect("/bad", location.encode("utf-8", "surrogateescape").decode("latin-1"))
+    with pytest.raises(ImageFetchError, match="not a valid URL"):
+        await loopback_fetcher.fetch(server.url("/bad"))
+    assert await loopback_fetcher.fetch(server.url("/bobby")) == bobby_jpg  # the other images go on
+
+
 # --- the relaxed guard (this module's tests only): the fetcher's other rules ---------------------------
 
 
@@ -230,3 +294,190 @@ async def test_http_errors_and_dropped_connections_are_reported(server, loopback
     server.serve("/cut", b"y" * 50_000, drop_after=1000)
     with pytest.raises(ImageFetchError, match="failed"):
         await loopback_fetcher.fetch(server.url("/cut"))
+
+
+# --- found by mutation testing (mutmut over bot/urls.py) ----------------------------------------
+
+
+def test_teredo_addresses_are_refused_not_a_crash() -> None:
+    # Teredo (2001::/32) embeds the server's IPv4 address; every embedded address is checked.
+    for address in ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:0:a00:1::f5ff:fffe"):
+        assert not is_public_address(ipaddress.ip_address(address))
+
+
+def test_the_test_relaxation_also_allows_ipv4_mapped_loopback() -> None:
+    relaxed = AddressPolicy(allow_loopback=True)
+    assert relaxed.allows(ipaddress.ip_address("::ffff:127.0.0.1"))
+    assert not relaxed.allows(ipaddress.ip_address("::ffff:10.0.0.1"))
+    assert not AddressPolicy().allows(ipaddress.ip_address("::ffff:127.0.0.1"))
+
+
+class _RecordingResolver(_FixedResolver):
+    def __init__(self, *addresses: str) -> None:
+        super().__init__(*addresses)
+        self.calls: list[tuple[str, int, socket.AddressFamily]] = []
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
+        self.calls.append((host, port, family))
+        return await super().resolve(host, port, family)
+
+
+async def test_resolver_asks_its_inner_resolver_the_same_question() -> None:
+    inner = _RecordingResolver("2606:4700::1111")
+    await PublicAddressResolver(AddressPolicy(), inner).resolve("example.com", 443, socket.AF_INET6)
+    assert inner.calls == [("example.com", 443, socket.AF_INET6)]
+
+
+async def test_resolver_refusals_name_the_host_and_its_address() -> None:
+    with pytest.raises(AddressNotAllowed, match=r"rebind\.example \(10\.0\.0\.5\) is not one"):
+        await PublicAddressResolver(AddressPolicy(), _FixedResolver("10.0.0.5")).resolve("rebind.example", 443)
+    with pytest.raises(AddressNotAllowed, match=r"^nowhere\.example does not resolve to any address\.$"):
+        await PublicAddressResolver(AddressPolicy(), _FixedResolver()).resolve("nowhere.example", 443)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url at all", "I only fetch images from web (https://) links."),
+        ("http://example.com/a.jpg", "I only fetch images from https:// links."),
+        ("HTTP://example.com/a.jpg", "I only fetch images from https:// links."),
+        ("ftp://example.com/a.jpg", "I only fetch images from web (https://) links."),
+        ("https:///nohost", "That link has no host name."),
+        ("https://user@example.com/a.jpg", "I don't fetch links that carry a user name or password."),
+        ("https://:secret@example.com/a.jpg", "I don't fetch links that carry a user name or password."),
+        ("https://exa_mple.com/", "That link's host is not a valid host name."),
+        ("https://[fd00:ec2::254]/", "I only fetch images from public addresses; fd00:ec2::254 is not one."),
+        ("https://[::1/", "That link is not a valid URL."),
+    ],
+)
+def test_check_url_says_exactly_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ImageFetchError) as caught:
+        ImageFetcher(Settings()).check_url(url)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.a-./",  # the root's dot does not hide a bad last label
+        "https://exa_mple.com./",
+        "https://" + "a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 62 + "/",  # 254 characters
+    ],
+)
+def test_names_with_a_root_dot_or_one_character_too_long_are_refused(url: str) -> None:
+    with pytest.raises(ImageFetchError, match="not a valid host name"):
+        ImageFetcher(Settings()).check_url(url)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["x", "x.", "a" * 62 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * 62],  # the last: 253 characters, the limit
+)
+def test_one_letter_names_and_names_of_the_maximum_length_pass(host: str) -> None:
+    assert ImageFetcher(Settings()).check_url(f"https://{host}/").raw_host == host
+
+
+async def test_the_fetcher_works_again_after_close(server, loopback_fetcher, bobby_jpg):
+    assert await loopback_fetcher.fetch(server.url("/bobby")) == bobby_jpg
+    await loopback_fetcher.close()
+    assert await loopback_fetcher.fetch(server.url("/bobby")) == bobby_jpg
+
+
+async def test_a_redirect_without_a_location_and_a_closed_port_are_explained(server, loopback_fetcher):
+    server.serve("/nowhere", b"", status=302)
+    with pytest.raises(ImageFetchError) as caught:
+        await loopback_fetcher.fetch(server.url("/nowhere"))
+    assert str(caught.value) == "That link redirects nowhere."
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with pytest.raises(ImageFetchError) as caught:
+        await loopback_fetcher.fetch(f"http://127.0.0.1:{closed_port}/x")
+    assert str(caught.value) == "I could not connect to 127.0.0.1."
+
+
+async def test_a_bad_location_is_explained_in_one_line(server, loopback_fetcher):
+    server.redirect("/bad", "http://127.0.0.1:99999/")
+    with pytest.raises(ImageFetchError) as caught:
+        await loopback_fetcher.fetch(server.url("/bad"))
+    assert str(caught.value) == "That link (or a link it redirects to) is not a valid URL."
+
+
+async def test_a_body_of_exactly_the_limit_is_accepted_and_the_message_gives_the_limit(server):
+    limit = 2 * 1024 * 1024
+    fetcher = ImageFetcher(Settings(allow_http_urls=True, max_image_bytes=limit), allow_loopback_for_tests=True)
+    try:
+        server.serve("/declared", b"\xff" * limit)
+        server.serve("/undeclared", b"\xff" * limit, content_length=-1)
+        server.serve("/over", b"\xff" * (limit + 1), content_length=-1)
+        for path in ("/declared", "/undeclared"):
+            assert len(await fetcher.fetch(server.url(path))) == limit
+        with pytest.raises(ImageFetchError) as caught:
+            await fetcher.fetch(server.url("/over"))
+        assert str(caught.value) == "That image is larger than the 2 MB I accept."
+    finally:
+        await fetcher.close()
+
+
+@pytest.fixture
+async def recording_server():
+    """An aiohttp server on 127.0.0.1 that records each request's headers; `/cookie` sets a
+    cookie, `/gzip` answers a gzip-encoded body, `/plain` a plain one."""
+    import gzip
+
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        if request.path == "/cookie":
+            response = web.Response(body=b"ok")
+            response.set_cookie("session", "user-a-secret")
+            return response
+        if request.path == "/gzip":
+            return web.Response(body=gzip.compress(b"\0" * 100_000), headers={"Content-Encoding": "gzip"})
+        return web.Response(body=b"plain")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_requests_name_the_bot_ask_for_no_encoding_and_carry_no_cookies(recording_server):
+    base, seen = recording_server
+    fetcher = ImageFetcher(Settings(allow_http_urls=True, max_image_bytes=50_000), allow_loopback_for_tests=True)
+    try:
+        # By name: a cookie jar keeps no cookies from IP-address hosts anyway.
+        named = base.replace("127.0.0.1", "localhost")
+        await fetcher.fetch(f"{named}/cookie")  # one user's link sets a cookie…
+        await fetcher.fetch(f"{named}/plain")  # …which the next user's fetch must not send
+        # A compressed body is counted as it arrives, never inflated: 100 kB of zeros gzip to
+        # a few hundred bytes, under the 50 kB limit, and come back as those bytes.
+        compressed = await fetcher.fetch(f"{base}/gzip")
+    finally:
+        await fetcher.close()
+    assert compressed[:2] == b"\x1f\x8b" and len(compressed) < 50_000
+    for headers in seen:
+        assert headers.get("User-Agent") == "discord-vision-bot (+image fetcher)"
+        assert headers.get("Accept-Encoding") == "identity"
+    assert "Cookie" not in seen[1]
+
+
+async def test_proxies_from_the_environment_are_not_used(server, loopback_fetcher, bobby_jpg, monkeypatch):
+    # A proxy would do the connecting, past the address checks: the fetch must go direct.
+    with LocalHTTPServer() as proxy:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        assert await loopback_fetcher.fetch(server.url("/bobby")) == bobby_jpg
+        assert proxy.request_count == 0

@@ -1,4 +1,6 @@
-"""inference.weights: catalogue, git blob ids, downloads (against 127.0.0.1 only), the CLI."""
+"""inference.weights, the store: git blob ids, downloads (against 127.0.0.1 only), verification,
+status; and the `weights` command of `inference.cli` that drives it.  The catalogue's own facts
+are in tests/test_catalogue.py."""
 
 from __future__ import annotations
 
@@ -13,14 +15,9 @@ import pytest
 
 from config import Settings
 from inference.errors import ModelUnavailable, WeightsCorrupt, WeightsMissing
-from inference.weights import (
-    CATALOGUE,
-    ModelWeights,
-    WeightsFile,
-    WeightsStore,
-    add_cli,
-    git_blob_id,
-)
+from inference.catalogue import CATALOGUE, ModelWeights, WeightsFile
+from inference.cli import add_weights_cli as add_cli
+from inference.weights import WeightsStore, git_blob_id
 from tests.httpserver import LocalHTTPServer, closed_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,60 +115,6 @@ def test_git_blob_id_matches_git_hash_object(tmp_path: Path, size: int) -> None:
 
 def test_git_blob_id_of_empty_is_gits_well_known_id() -> None:
     assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
-
-
-# --- the catalogue ------------------------------------------------------------------------------
-
-
-def test_catalogue_has_the_books_files_with_their_blob_ids() -> None:
-    generator = CATALOGUE["horse2zebra"].files["generator"]
-    assert generator.url == ("https://github.com/deep-learning-with-pytorch/dlwpt-code/raw/"
-                             "master/data/p1ch2/horse2zebra_0.4.0.pth")
-    assert generator.blob_id == "ce10268a67fba8227bd42a071e17eef1b358fa2b"
-
-    fc = CATALOGUE["fc"].files
-    assert set(fc) == {"model", "infos", "encoder"}
-    assert fc["model"].blob_id == "cd0073c00d1c1809e25e0ae794d5c58beec707d6"
-    assert fc["model"].url.endswith("/ImageCaptioning.pytorch/raw/master/data/FC/fc-model.pth")
-    assert fc["infos"].blob_id == "623f78e01e9b0dd95a130b5766e6651328939f29"
-    encoder = fc["encoder"]
-    assert encoder.url is None and encoder.blob_id is None
-    assert [p.url.rsplit("/", 2)[-2:] for p in encoder.parts] == [
-        ["imagenet_weights", "resnet101a.pth"], ["imagenet_weights", "resnet101b.pth"]]
-    assert [p.blob_id for p in encoder.parts] == [
-        "2933b934efa86e68cecf59fbad1072e16455b3ab", "76aed7cfbdc096666152d6c80069e28be37b9acd"]
-
-
-def test_catalogue_zoo_generators_have_no_published_id() -> None:
-    for name in ["zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
-                 "style_vangogh", "summer2winter_yosemite", "winter2summer_yosemite",
-                 "apple2orange", "orange2apple"]:
-        (role, file), = CATALOGUE[name].files.items()
-        assert role == "generator"
-        assert file.blob_id is None and file.integrity == "none published"
-        assert file.url == f"http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
-
-
-def test_catalogue_is_read_only_and_relpaths_are_distinct() -> None:
-    with pytest.raises(TypeError):
-        CATALOGUE["evil"] = CATALOGUE["fc"]  # type: ignore[index]
-    with pytest.raises(TypeError):
-        CATALOGUE["fc"].files["model"] = CATALOGUE["fc"].files["infos"]  # type: ignore[index]
-    relpaths = [f.relpath for m in CATALOGUE.values() for f in m.files.values()]
-    relpaths += [p.relpath for m in CATALOGUE.values() for f in m.files.values() for p in f.parts]
-    assert len(relpaths) == len(set(relpaths))
-
-
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x.pth", "x.pth"])
-def test_only_http_urls_are_accepted(url: str) -> None:
-    with pytest.raises(ValueError, match="http"):
-        WeightsFile("x.pth", url, None)
-
-
-@pytest.mark.parametrize("relpath", ["/abs.pth", "../up.pth", "a/../../b.pth", ""])
-def test_relpaths_stay_inside_the_weights_dir(relpath: str) -> None:
-    with pytest.raises(ValueError):
-        WeightsFile(relpath, "https://example.org/x", None)
 
 
 # --- downloads ----------------------------------------------------------------------------------
@@ -498,6 +441,28 @@ def test_cli_list_and_download(
     assert server.count("/g.pth") == before
     assert run_cli([*weights_dir, "download", "--force", "zebra"], catalogue) == 0
     assert server.count("/g.pth") == before + 1
+
+
+def test_cli_list_verify_fails_on_a_corrupt_file(
+    server: LocalHTTPServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serve_all(server)
+    catalogue = local_catalogue(server.base_url)
+    weights_dir = ["weights", "--weights-dir", str(tmp_path)]
+    assert run_cli([*weights_dir, "download", "zebra"], catalogue) == 0
+    path = tmp_path / "cyclegan" / "zebra.pth"
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # same size: only the blob id can tell
+    path.write_bytes(bytes(damaged))
+    capsys.readouterr()
+
+    assert run_cli([*weights_dir, "list"], catalogue) == 0  # unverified, a present file is trusted
+    assert run_cli([*weights_dir, "list", "--verify"], catalogue) == 1
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines()]
+    assert ["zebra", "generator", "cyclegan/zebra.pth", "present"] in [row[:4] for row in rows]
+    assert ["zebra", "generator", "cyclegan/zebra.pth", "CORRUPT"] in [row[:4] for row in rows]
+    assert f"{path}: blob id {git_blob_id(bytes(damaged))}, expected {git_blob_id(GENERATOR)}" in captured.err
 
 
 def test_cli_download_all_reports_failures(server: LocalHTTPServer, tmp_path: Path) -> None:

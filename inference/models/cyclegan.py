@@ -10,9 +10,8 @@ down-samplings, two matching up-samplings).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import groupby
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,12 +20,14 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 from config import Settings
-from inference.checkpoint import StateDict, load_state_dict_file, load_strict
-from inference.images import encode_png, to_rgb
+from inference.checkpoint import load_checkpoint
+from inference.images import encode_png, scale_to_fit, to_rgb
+from inference.presets import CYCLEGAN
+from inference.registry import ModelEntry, get_model
 
-DEFAULT_NAME = "horse2zebra"
-#: Short side of the working resolution; the book resizes to 256.
-DEFAULT_SIZE = 256
+DEFAULT_NAME: str = Settings.zebra_model
+#: Short side of the working resolution (the settings' default; the book resizes to 256).
+DEFAULT_SIZE: int = CYCLEGAN.default_size
 #: Both sides must be multiples of this (two stride-2 convolutions, then two ×2 up-samplings).
 SIDE_MULTIPLE = 4
 #: Smallest side the network can run on: the residual blocks reflection-pad by 1 at 1/4 scale,
@@ -91,11 +92,11 @@ class ResnetGenerator(nn.Module):
         return self.model(x)
 
 
-def drop_stale_norm_stats(module: nn.Module, state_dict: StateDict) -> StateDict:
-    """Remove running statistics that a file carries for `module`'s InstanceNorm layers.
+def stale_norm_stats(module: nn.Module) -> Callable[[str], bool]:
+    """Whether a file's key is a running statistic of one of `module`'s InstanceNorm layers.
 
-    PyTorch 0.4.0 briefly saved them for InstanceNorm; the layers never use them.  Only keys of
-    InstanceNorm layers are dropped: anything else stays and fails the strict load.
+    PyTorch 0.4.0 briefly saved them for InstanceNorm; the layers never use them, so the loader
+    drops them.  Only keys of InstanceNorm layers qualify: anything else fails the strict load.
     """
     norm_layers = {name for name, child in module.named_modules() if isinstance(child, nn.InstanceNorm2d)}
 
@@ -103,7 +104,7 @@ def drop_stale_norm_stats(module: nn.Module, state_dict: StateDict) -> StateDict
         owner, _, leaf = key.rpartition(".")
         return leaf in STALE_NORM_STATS and owner in norm_layers
 
-    return {key: value for key, value in state_dict.items() if not is_stale(key)}
+    return is_stale
 
 
 def load_generator(path: str | os.PathLike[str], device: torch.device = torch.device("cpu")) -> ResnetGenerator:
@@ -113,8 +114,7 @@ def load_generator(path: str | os.PathLike[str], device: torch.device = torch.de
     `CheckpointMismatch` (keys or shapes of another architecture).
     """
     generator = ResnetGenerator()
-    state_dict = drop_stale_norm_stats(generator, load_state_dict_file(path))
-    load_strict(generator, state_dict, source=Path(path).name)
+    load_checkpoint(generator, path, ignore=stale_norm_stats(generator))
     return generator.eval().to(device)
 
 
@@ -124,7 +124,7 @@ def working_size(width: int, height: int, size: int) -> tuple[int, int]:
     Large images are scaled so that the short side is `size`; images that are already small
     enough keep their scale.  Both sides are then rounded to multiples of 4.
     """
-    scale = min(1.0, size / min(width, height), MAX_ASPECT * size / max(width, height))
+    scale = scale_to_fit(width, height, short_side=size, max_long_side=MAX_ASPECT * size, enlarge=False)
 
     def side(length: int) -> int:
         return max(MIN_SIDE, round(length * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE)
@@ -172,8 +172,8 @@ class ZebraPipeline:
         target = working_size(image.width, image.height, self.size)
         if target != image.size:
             image = image.resize(target, Image.Resampling.BICUBIC)
-        # The generator was trained on (x - 0.5) / 0.5; the book's notebook forgot this step.
-        return TF.normalize(TF.to_tensor(image), mean=[0.5] * 3, std=[0.5] * 3)
+        scaling = CYCLEGAN.normalization  # [-1, 1]: see `inference.presets`
+        return TF.normalize(TF.to_tensor(image), mean=scaling.mean, std=scaling.std)
 
     @torch.inference_mode()
     def run(self, inputs: list[torch.Tensor], options: list[dict[str, Any]]) -> list[bytes]:
@@ -209,10 +209,15 @@ def _same_shape_groups(inputs: Iterable[torch.Tensor]) -> list[list[int]]:
     return [[index for _, index in group] for _, group in groupby(keyed, key=lambda item: item[0])]
 
 
-def load_from_settings(settings: Settings, device: torch.device) -> ZebraPipeline:
-    """The registry's entry point: the generator named by `settings.zebra_model`, from the store."""
-    from inference.weights import WeightsStore  # lazily, like the registry: only the loader needs it
+def build(entry: ModelEntry, settings: Settings, device: torch.device) -> ZebraPipeline:
+    """The registry's builder for every generator of the weights catalogue (`entry.weights`)."""
+    from inference.weights import WeightsStore  # the store only where a model is built
 
     store = WeightsStore(settings.weights_dir, auto_download=settings.auto_download)
-    path = store.ensure_model(settings.zebra_model)["generator"]
-    return ZebraPipeline.from_checkpoint(path, size=settings.zebra_size, device=device, name=settings.zebra_model)
+    path = store.ensure_model(entry.weights)["generator"]
+    return ZebraPipeline.from_checkpoint(path, size=CYCLEGAN.size_for(settings), device=device, name=entry.name)
+
+
+def load_from_settings(settings: Settings, device: torch.device) -> ZebraPipeline:
+    """The generator that `settings.zebra_model` names, through the registry."""
+    return get_model(settings.zebra_model, task="zebra").load(settings, device)

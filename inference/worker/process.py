@@ -1,15 +1,10 @@
-"""The process boundary: one worker process per task, and the handle the service holds on it.
+"""The worker process: decode, preprocess and run one task's model, batch after batch.
 
-The service (main process, asyncio) sends *batches* of undecoded image bytes; the worker decodes,
-preprocesses, runs the model and sends back one outcome per request.  Both sides of that
-conversation live in this module, so the protocol can be read in one place:
-
-    main → worker   Batch(batch_id, items) | Cancel(request_ids) | Load() | Stop()
-    worker → main   StateReport(state, model, detail) | Results(batch_id, outcomes, …, final)
-
-Inside the worker, a reader thread takes messages off the pipe (a `Cancel` is applied at once,
-out of band) and the model's thread works through the batches: load the model once, decode (+
-draft) and preprocess every image of the batch, run the model, send the results.
+The service (main process, asyncio) sends *batches* of undecoded image bytes
+(`inference.worker.protocol`); the worker decodes, preprocesses, runs the model and sends back
+one outcome per request.  A reader thread takes messages off the pipe (a `Cancel` is applied at
+once, out of band) and the model's thread works through the batches: load the model once, decode
+(+ draft) and preprocess every image of the batch, run the model, send the results.
 
 How decoding meets the model depends on the device; measured with inference/bench.py:
 - CPU: the images of a batch are decoded side by side on all cores, *between* model calls.
@@ -23,135 +18,60 @@ unmaps a batch's activations on every forward pass, and batching *lost* throughp
 A model that cannot load fails the requests of that batch with its error and is tried again on
 the next batch.  One image that cannot be decoded fails only its own request.
 
-In the main process, `WorkerHandle` owns the process and its pipe: a reader thread turns
-incoming messages into callbacks on the event loop (`call_soon_threadsafe`), a writer thread
-does the pickling and the blocking `send`, so a 25 MB image never stalls the loop.
+Torch is imported when the worker starts, never at import: the parent imports this module to
+name `run_worker` as the child's entry point.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
-import multiprocessing
 import os
 import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from config import Settings
 from inference.errors import InferenceError, ModelUnavailable
+from inference.worker.protocol import (
+    Batch,
+    BatchHeader,
+    Cancel,
+    Load,
+    Outcome,
+    Results,
+    Started,
+    StateChanged,
+    Stop,
+    WorkerConfig,
+    WorkItem,
+    receive_batch,
+)
 
 logger = logging.getLogger(__name__)
-
-# --- the protocol -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    request_id: int
-    image: bytes
-    options: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Batch:
-    batch_id: int
-    items: list[WorkItem]
-
-
-@dataclass(frozen=True)
-class _BatchHeader:
-    """A `Batch` on the wire: this header, then each item's image as one raw message.
-
-    Pickling would copy every image into one buffer while holding the GIL (8 × 25 MB stalled
-    the event loop for 100+ ms); `send_bytes` writes the bytes as they are, GIL released.
-    """
-
-    batch_id: int
-    #: (request id, options) of each item, in the order their images follow.
-    items: list[tuple[int, dict[str, Any]]]
-
-
-def send_batch(conn: Connection, batch: Batch) -> None:
-    conn.send(_BatchHeader(batch.batch_id, [(item.request_id, item.options) for item in batch.items]))
-    for item in batch.items:
-        conn.send_bytes(item.image)
-
-
-def receive_batch(conn: Connection, header: _BatchHeader) -> Batch:
-    return Batch(header.batch_id, [WorkItem(request_id, conn.recv_bytes(), options) for request_id, options in header.items])
-
-
-@dataclass(frozen=True)
-class Cancel:
-    """These requests no longer have a caller: skip them if they have not reached the model."""
-
-    request_ids: list[int]
-
-
-@dataclass(frozen=True)
-class Load:
-    """Load the model now (warm-up), without a request."""
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-@dataclass(frozen=True)
-class StateReport:
-    #: "loading" | "ready" | "unavailable"
-    state: str
-    model: str = ""
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    request_id: int
-    value: Any = None
-    error: InferenceError | None = None
-
-
-@dataclass(frozen=True)
-class Results:
-    batch_id: int
-    outcomes: list[Outcome]
-    #: How many inputs went through the model together for these outcomes (0: none did).
-    model_batch: int = 0
-    #: Seconds the model took for them.
-    model_seconds: float = 0.0
-    #: True on the last message of a batch: the worker is done with it.
-    final: bool = False
-    #: Requests of the batch dropped because they were cancelled before reaching the model.
-    skipped: int = 0
-
 
 # --- the worker process ---------------------------------------------------------------------------
 
 
-def worker_threads(settings: Settings) -> int:
-    """Torch intra-op threads: the configured number, else one per core this process may use."""
-    if settings.torch_threads > 0:
-        return settings.torch_threads
+def worker_threads(torch_threads: int) -> int:
+    """Torch intra-op threads: the configured number (`torch_threads`), else one per core this
+    process may use."""
+    if torch_threads > 0:
+        return torch_threads
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def run_worker(task: str, settings: Settings, conn: Connection) -> None:
+def run_worker(config: WorkerConfig, conn: Connection) -> None:
     """Entry point of a worker process (started with the "spawn" context)."""
     # Ctrl-C in a terminal reaches the whole process group: let the parent decide and stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
-    _Worker(task, settings, conn).serve()
+    _Worker(config, conn).serve()
     # Everything is answered.  Skip the interpreter's teardown (torch's takes seconds): the
     # parent waits for this exit when it shuts down.
     sys.stdout.flush()
@@ -198,20 +118,25 @@ class _Prepared:
 
 
 class _Worker:
-    def __init__(self, task: str, settings: Settings, conn: Connection) -> None:
+    def __init__(self, config: WorkerConfig, conn: Connection) -> None:
         import torch  # imported here: the parent's copy of this module never needs torch
 
         from inference.images import ImageLimits
         from inference.registry import resolve_device
 
-        self.task = task
-        self.settings = settings
+        self.task = config.task
+        self.config = config
         self.conn = conn
-        self.threads = worker_threads(settings)
+        self.threads = worker_threads(config.torch_threads)
         torch.set_num_threads(self.threads)
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(config.device)
         self.overlap_decoding = self.device.type == "cuda"
-        self.limits = ImageLimits.from_settings(settings)
+        self.limits = ImageLimits(
+            max_bytes=config.max_image_bytes,
+            max_pixels=config.max_image_pixels,
+            max_aspect_ratio=config.max_image_aspect_ratio,
+            max_jpeg_scans=config.max_jpeg_scans,
+        )
         self.pipeline: Any = None
         self.decoders = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="worker-decode")
         self.inbox: queue.SimpleQueue[Batch | Load | None] = queue.SimpleQueue()
@@ -244,7 +169,7 @@ class _Worker:
             if isinstance(message, Cancel):
                 with self.cancelled_lock:
                     self.cancelled.update(message.request_ids)
-            elif isinstance(message, _BatchHeader):
+            elif isinstance(message, BatchHeader):
                 try:
                     self.inbox.put(receive_batch(self.conn, message))
                 except (EOFError, OSError):
@@ -264,9 +189,10 @@ class _Worker:
     def _take(self, message: Batch | Load) -> _Prepared | None:
         """A batch → its prepared inputs; a `Load` → load the model and report (no job)."""
         if isinstance(message, Batch):
+            self._send(Started(message.batch_id))
             return self._prepare(message)
         if self.pipeline is not None:  # already loaded: say so, the caller waits for it
-            self._send(StateReport("ready", model=str(getattr(self.pipeline, "name", self.task))))
+            self._send(self._ready_report())
         else:
             self._ensure_pipeline()
         return None
@@ -279,20 +205,24 @@ class _Worker:
             return None
         from inference.registry import load_pipeline
 
-        self._send(StateReport("loading"))
+        self._send(StateChanged("loading", device=self.device.type))
         try:
-            pipeline = load_pipeline(self.task, self.settings, self.device)
+            # The loaders take a `Settings`: one made of the config's plain values.
+            pipeline = load_pipeline(self.task, self.config.loader_settings(), self.device)
         except InferenceError as error:
-            self._send(StateReport("unavailable", detail=str(error)))
+            self._send(StateChanged("unavailable", error=str(error)))
             return error
         except Exception as error:  # a bug or an environment problem: keep the details in the log
             logger.exception("loading the %s model failed", self.task)
             error = ModelUnavailable(f"The {self.task} model could not be loaded ({type(error).__name__}: {error}).")
-            self._send(StateReport("unavailable", detail=str(error)))
+            self._send(StateChanged("unavailable", error=str(error)))
             return error
         self.pipeline = pipeline
-        self._send(StateReport("ready", model=str(getattr(pipeline, "name", self.task))))
+        self._send(self._ready_report())
         return None
+
+    def _ready_report(self) -> StateChanged:
+        return StateChanged("ready", model=str(getattr(self.pipeline, "name", self.task)), device=self.device.type)
 
     def _prepare(self, batch: Batch) -> _Prepared:
         prepared = _Prepared(batch.batch_id)
@@ -399,143 +329,9 @@ class _Worker:
                 return True
             return False
 
-    def _send(self, message: StateReport | Results) -> None:
+    def _send(self, message: StateChanged | Started | Results) -> None:
         with self.send_lock:
             try:
                 self.conn.send(message)
             except (OSError, EOFError):  # the parent is gone; the reader thread ends us
                 pass
-
-
-# --- the main-process side --------------------------------------------------------------------------
-
-
-class WorkerHandle:
-    """One worker process as seen from the service.
-
-    `on_message(handle, message)` and `on_exit(handle, exitcode)` are called on the event loop.
-    `start()` and `stop()` block (process start-up, joins): call them in an executor.
-    """
-
-    def __init__(
-        self,
-        task: str,
-        settings: Settings,
-        loop: asyncio.AbstractEventLoop,
-        on_message: Callable[[WorkerHandle, Any], None],
-        on_exit: Callable[[WorkerHandle, int | None], None],
-    ) -> None:
-        self.task = task
-        # The worker needs no Discord token: keep the secret in one process.
-        self._settings = settings.replace(discord_token=None)
-        self._loop = loop
-        self._on_message = on_message
-        self._on_exit = on_exit
-        self._lock = threading.Lock()
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn: Connection | None = None
-        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._stopping = False
-        self._heard_from = False
-        self._writer: threading.Thread | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
-    def start(self) -> None:
-        # "spawn": a fresh interpreter.  Forking a process that holds an event loop and torch's
-        # thread pools copies locks in unknown states.
-        context = multiprocessing.get_context("spawn")
-        with self._lock:
-            if self._stopping:
-                return
-            parent_conn, child_conn = context.Pipe(duplex=True)
-            process = context.Process(
-                target=run_worker,
-                args=(self.task, self._settings, child_conn),
-                name=f"inference-{self.task}",
-                daemon=True,
-            )
-            process.start()
-            # Only the child may hold its end: then its death shows here as end-of-file.
-            child_conn.close()
-            self._process, self._conn = process, parent_conn
-        self._writer = threading.Thread(target=self._write_loop, name=f"{self.task}-writer", daemon=True)
-        self._writer.start()
-        threading.Thread(target=self._read_loop, name=f"{self.task}-reader", daemon=True).start()
-
-    def send(self, message: Batch | Cancel | Load | Stop) -> None:
-        """Queue a message; the writer thread sends it.  Never blocks."""
-        self._outbox.put(message)
-
-    def kill(self) -> None:
-        """SIGKILL the process (a hung model); the exit shows up through `on_exit`."""
-        if self._process is not None and self._process.pid is not None:
-            try:
-                self._process.kill()
-            except (OSError, ValueError):
-                pass
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Ask the worker to finish, then make sure it has: terminate, kill.  Blocks."""
-        with self._lock:
-            self._stopping = True
-            process, conn = self._process, self._conn
-        if process is None:
-            return
-        if self._heard_from:
-            self.send(Stop())
-            process.join(timeout)
-        # else it is still importing torch: it holds no work and cannot read a Stop yet
-        if process.is_alive():
-            process.terminate()
-            process.join(1.0)
-        if process.is_alive():
-            process.kill()
-            process.join(1.0)
-        # The reader thread sees the end of the pipe now, and closes it.
-
-    def _read_loop(self) -> None:
-        conn, process = self._conn, self._process
-        assert conn is not None and process is not None
-        listening = True
-        while listening:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the process exited
-                break
-            self._heard_from = True
-            listening = self._call_on_loop(self._on_message, self, message)
-        if not listening:  # the event loop is gone without closing the service: end the worker
-            self.kill()
-        process.join(5.0)  # end-of-file comes as the process exits: reap it for its exit code
-        # This thread closes the pipe, once the writer has stopped using it.
-        self._outbox.put(None)
-        if self._writer is not None:
-            self._writer.join(5.0)
-        conn.close()
-        self._call_on_loop(self._on_exit, self, process.exitcode)
-
-    def _write_loop(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        while (message := self._outbox.get()) is not None:
-            try:
-                if isinstance(message, Batch):
-                    send_batch(conn, message)
-                else:
-                    conn.send(message)
-            except (OSError, ValueError, EOFError):  # the worker died; the reader thread reports it
-                break
-
-    def _call_on_loop(self, callback: Callable[..., None], *args: Any) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            return False
-        return True
