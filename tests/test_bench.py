@@ -60,7 +60,8 @@ def test_bench_command_measures_service_and_baseline(tmp_path: Path, capsys: pyt
     parser = argparse.ArgumentParser()
     bench.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--requests", "8", "--concurrency", "4", "--images", str(tmp_path), "--json"])
-    settings = Settings(device="cpu", torch_threads=1, max_batch_size=4, max_batch_wait_ms=10.0)
+    # A queue shorter than the clients: the bench makes room (it measures draining, not refusing).
+    settings = Settings(device="cpu", torch_threads=1, max_batch_size=4, max_batch_wait_ms=10.0, classify_queue_size=2)
 
     assert args.handler(args, settings) == 0
     report = json.loads(capsys.readouterr().out)

@@ -196,3 +196,29 @@ def test_a_bomb_past_pillows_own_limit_is_refused_as_too_many_pixels():
     with pytest.raises(InvalidImage) as caught:
         decode_image(png_header_only(100_000, 100_000))
     assert str(caught.value) == "That image has too many pixels to decode safely."
+
+
+@pytest.mark.parametrize("mode", ["I;16B", "I;16L", "I;16N"])
+def test_16_bit_grayscale_of_either_byte_order_keeps_its_tones(mode):
+    from inference.images import to_rgb
+
+    order = {"I;16B": ">", "I;16L": "<", "I;16N": "="}[mode]
+    image = Image.frombytes(mode, (3, 1), np.array([0, 32768, 65535], dtype=f"{order}u2").tobytes())
+    assert [to_rgb(image).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+
+def test_transparent_grayscale_is_flattened_on_white():
+    image = Image.new("LA", (4, 4), (0, 0))  # black, fully transparent
+    image.putpixel((1, 1), (60, 255))
+    decoded = decode_image(encode(image, "PNG"))
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    assert decoded.getpixel((1, 1)) == (60, 60, 60)
+
+
+def test_draft_mode_also_decodes_a_phone_cameras_mpo_smaller(bobby_jpg):
+    photo = Image.open(io.BytesIO(bobby_jpg)).convert("RGB").resize((4000, 3000))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="MPO", save_all=True, append_images=[photo.resize((400, 300))], quality=90)
+    mpo = buffer.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert decode_image(mpo, draft_size=(256, 256)).size == (500, 375)
