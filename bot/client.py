@@ -19,6 +19,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.buttons import CancelButton, DeleteButton, WaitingRequests
 from bot.context import VisionContext
 from bot.downloads import DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT, ByteBudget
 from bot.errors import ChannelNotAllowed, ShuttingDown, report_error
@@ -94,6 +95,8 @@ class VisionBot(commands.Bot):
         self.downloads = ByteBudget(
             int(getattr(settings, "max_download_bytes_in_flight", DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT))
         )
+        #: Requests waiting in line behind a message with a Cancel button.
+        self.waiting = WaitingRequests()
         #: Set when `close()` begins: no new commands from then on.
         self.stopping = False
         #: Set when the grace period is over: requests still waiting give up and say so.
@@ -108,6 +111,8 @@ class VisionBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         await self.service.start()  # a no-op for a service that is already running
+        # The buttons on the bot's messages, also on messages sent before a restart.
+        self.add_dynamic_items(CancelButton, DeleteButton)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await sync_if_changed(self.tree, self.application_id, self.settings.bot_data_dir)

@@ -153,7 +153,7 @@ async def report_error(
                 log.debug("could not delete placeholder %s: %s", placeholder.id, error)
         elif placeholder is not None:
             try:
-                await placeholder.edit(content=line, embed=None, attachments=[])
+                await placeholder.edit(content=line, embed=None, attachments=[], view=None)
                 return
             except discord.NotFound:
                 log.debug("placeholder %s is gone; the error goes in a new message", placeholder.id)

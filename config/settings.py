@@ -119,6 +119,10 @@ class Settings:
             values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
         values.update(os.environ if environ is None else environ)
 
+        for variable, replacement in RETIRED_VARIABLES.items():
+            if (values.get(variable) or "").strip():
+                raise SettingsError(f"{variable} is no longer read: {replacement}")
+
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             variable = "DISCORD_TOKEN" if f.name == "discord_token" else f.name.upper()
@@ -131,6 +135,23 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if not self.max_image_aspect_ratio >= 1:  # also refuses NaN
+            raise SettingsError(
+                f"MAX_IMAGE_ASPECT_RATIO={self.max_image_aspect_ratio:g} would refuse every image; it must be at least 1"
+            )
+        for name in ("max_jpeg_scans", "classify_queue_size", "zebra_queue_size", "caption_queue_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be at least 1")
+
+
+#: Variables an earlier version read, and what to set instead: an `.env` that still sets one is
+#: told so, rather than having it silently ignored.
+RETIRED_VARIABLES = {
+    "MAX_QUEUE_SIZE": "each task has its own queue limit now: set CLASSIFY_QUEUE_SIZE, ZEBRA_QUEUE_SIZE "
+    "and CAPTION_QUEUE_SIZE instead (defaults 64, 16, 16).",
+}
 
 
 def _parse(variable: str, raw: str, type_name: Any) -> Any:

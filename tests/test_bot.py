@@ -44,7 +44,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 #: Longest a single actor action may take: a model call (the models are loaded already) on a
 #: 2-core machine that other test runs share.
-SETTLE_TIMEOUT_S = 90.0
+SETTLE_TIMEOUT_S = 20.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

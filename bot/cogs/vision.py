@@ -26,6 +26,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import formatting
+from bot.buttons import Waiting, answer_view, cancel_view
 from bot.context import VisionContext
 from bot.errors import RESTARTING_MESSAGE, NoImageFound, report_error
 from bot.sources import ImageSource, find_sources, needs_fetch
@@ -108,6 +109,13 @@ class _Job:
     #: Requests ahead of this one when it was submitted.
     ahead: int = 0
     placeholder: discord.Message | None = None
+    #: Listed in the bot's waiting requests while its placeholder shows Cancel.
+    waiting: Waiting | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Cancelled by a press of Cancel: the placeholder already says so."""
+        return self.waiting is not None and self.waiting.cancelled
 
 
 @dataclass(frozen=True)
@@ -225,10 +233,13 @@ class VisionCog(commands.Cog, name="Vision"):
                     await self._say(ctx, f"⚠️ {formatting.skipped_message(names, limit)}")
                 if any(job.ahead > 0 for job in jobs):
                     # Someone is ahead: every image gets its reply now, in order, showing its
-                    # place in line; each is edited into its result below.
+                    # place in line and a Cancel button; each is edited into its result below.
                     for job in jobs:
                         if job.ticket is not None:
-                            job.placeholder = await self._say(ctx, formatting.queue_message(job.ahead))
+                            view = cancel_view(user.id)
+                            job.placeholder = await self._say(ctx, formatting.queue_message(job.ahead), view=view)
+                            if job.placeholder is not None:
+                                job.waiting = self.bot.waiting.add(job.placeholder.id, job.ticket)
                 for job in jobs:
                     try:
                         await self._answer_job(ctx, task, job)
@@ -240,12 +251,14 @@ class VisionCog(commands.Cog, name="Vision"):
                 for job in jobs:  # the caller is gone (error, cancellation): free the queue
                     if job.ticket is not None and not job.ticket.done():
                         job.ticket.cancel()
+                    if job.waiting is not None:
+                        self.bot.waiting.remove(job.waiting)  # its Cancel now says "finished"
 
-    async def _say(self, ctx: VisionContext, text: str) -> discord.Message | None:
+    async def _say(self, ctx: VisionContext, text: str, **kwargs: Any) -> discord.Message | None:
         """A line of the bot's own (a place in line, skipped images); one that cannot be sent is
         logged and does not stop the answers."""
         try:
-            return await ctx.reply_safely(text)
+            return await ctx.reply_safely(text, **kwargs)
         except discord.HTTPException as error:
             log.warning("could not send a line in channel %s: %s", getattr(ctx.channel, "id", None), error)
             return None
@@ -273,7 +286,7 @@ class VisionCog(commands.Cog, name="Vision"):
                 except (ImageFetchError, InferenceError) as error:
                     job.error = error
                     continue
-                job.ahead = job.ticket.position()
+                job.ahead = job.ticket.position(); print("AHEAD", job.ahead, flush=True)
 
     def _refusal(self, task: str, user: discord.abc.User) -> InferenceError:
         """Why an image beyond what was granted is not answered: the service's own `Busy`, with
@@ -294,9 +307,12 @@ class VisionCog(commands.Cog, name="Vision"):
         try:
             result = await self._result(job.ticket)
         except InferenceError as error:
+            if job.cancelled:
+                return  # the Cancel press has edited the placeholder already
             await report_error(ctx, error, placeholder=job.placeholder, spoiler=spoiler)
             return
         answer = await self._render(ctx, task, job.source, result)
+        buttons = answer_view(ctx.invoker.id)
         if job.placeholder is not None:
             # A message of the channel can also be told not to preview links; a followup of an
             # interaction cannot (its links are inside `<>`, which Discord does not preview).
@@ -307,6 +323,7 @@ class VisionCog(commands.Cog, name="Vision"):
                     content=answer.content,
                     embed=answer.embed,
                     attachments=[file] if (file := answer.file()) else [],
+                    view=buttons,
                     **extra,
                 )
                 return
@@ -315,7 +332,11 @@ class VisionCog(commands.Cog, name="Vision"):
                 log.debug("placeholder %s is gone; answering in a new message", job.placeholder.id)
                 job.placeholder = None
         await ctx.reply_safely(
-            answer.content, embed=answer.embed, file=answer.file(), suppress_embeds=answer.suppress_embeds
+            answer.content,
+            embed=answer.embed,
+            file=answer.file(),
+            suppress_embeds=answer.suppress_embeds,
+            view=buttons,
         )
 
     async def _result(self, ticket: Ticket) -> Any:

@@ -1,0 +1,151 @@
+"""The buttons on the bot's messages: **Cancel** on a request waiting in line, **Delete** on
+every answer.  Who may press them: the person who asked, or a member with Manage Messages;
+anyone else gets a private refusal.
+
+Both are `DynamicItem`s whose `custom_id` carries the requester's id, registered with
+`bot.add_dynamic_items` in `setup_hook`: **Delete** keeps working after the bot restarts, and a
+**Cancel** pressed after its request finished (or after a restart) says so privately.  The
+waiting requests themselves are the bot's `WaitingRequests`, by the id of their message.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import discord
+
+from inference.service import Ticket
+
+log = logging.getLogger(__name__)
+
+NOT_YOURS = "This isn't your request: only the person who asked (or a moderator) can do that."
+ALREADY_DONE = "That request has already finished."
+CANCELLED = "🚫 Cancelled before it reached the model."
+
+
+def may_act_for(interaction: discord.Interaction, requester_id: int) -> bool:
+    """The requester, or someone allowed to manage messages in that channel."""
+    if interaction.user.id == requester_id:
+        return True
+    permissions = interaction.permissions
+    return bool(permissions.manage_messages or permissions.administrator)
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A request waiting in line behind a "you're in line" message."""
+
+    message_id: int
+    ticket: Ticket
+    #: Set when a press of Cancel took it out of the line: the message says so already.
+    cancelled: bool = False
+
+
+class WaitingRequests:
+    """The bot's waiting requests, by the id of the message that carries their Cancel button."""
+
+    def __init__(self) -> None:
+        self._by_message: dict[int, Waiting] = {}
+
+    def add(self, message_id: int, ticket: Ticket) -> Waiting:
+        waiting = self._by_message[message_id] = Waiting(message_id, ticket)
+        return waiting
+
+    def get(self, message_id: int) -> Waiting | None:
+        return self._by_message.get(message_id)
+
+    def remove(self, waiting: Waiting) -> None:
+        if self._by_message.get(waiting.message_id) is waiting:
+            del self._by_message[waiting.message_id]
+
+    def __len__(self) -> int:
+        return len(self._by_message)
+
+
+class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"vision:cancel:(?P<user>[0-9]{1,20})"):
+    """Cancel on a "you're in line" message.  A `DynamicItem` too, so that a press that comes
+    after the request finished (or after a restart) is told so instead of failing."""
+
+    def __init__(self, requester_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Cancel", style=discord.ButtonStyle.secondary, emoji="✖️", custom_id=f"vision:cancel:{requester_id}"
+            )
+        )
+        self.requester_id = requester_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> CancelButton:
+        return cls(int(match["user"]))
+
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
+        return await _check(interaction, self.requester_id)
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        line: WaitingRequests | None = getattr(interaction.client, "waiting", None)
+        message_id = interaction.message.id if interaction.message is not None else 0
+        waiting = line.get(message_id) if line is not None else None
+        if waiting is None or waiting.cancelled or waiting.ticket.done():
+            await interaction.response.send_message(ALREADY_DONE, ephemeral=True)
+            return
+        waiting.cancelled = True
+        waiting.ticket.cancel()  # out of the line before it costs model time
+        # The press's own response edits the message: no API call of its own.
+        await interaction.response.edit_message(content=CANCELLED, embed=None, attachments=[], view=None)
+
+
+def cancel_view(requester_id: int) -> discord.ui.View:
+    """The buttons of a "you're in line" message."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelButton(requester_id))
+    return view
+
+
+async def _check(interaction: discord.Interaction[Any], requester_id: int) -> bool:
+    if may_act_for(interaction, requester_id):
+        return True
+    await interaction.response.send_message(NOT_YOURS, ephemeral=True)
+    return False
+
+
+class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"vision:delete:(?P<user>[0-9]{1,20})"):
+    """Delete on an answer; survives restarts (the requester's id is in the `custom_id`)."""
+
+    def __init__(self, requester_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Delete",
+                style=discord.ButtonStyle.secondary,
+                emoji="🗑️",
+                custom_id=f"vision:delete:{requester_id}",
+            )
+        )
+        self.requester_id = requester_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction[Any], item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> DeleteButton:
+        return cls(int(match["user"]))
+
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
+        return await _check(interaction, self.requester_id)
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        await interaction.response.defer()  # acknowledged as an update of the answer
+        try:
+            await interaction.delete_original_response()  # the message the button is on
+        except discord.NotFound:
+            log.debug("answer %s was already gone", getattr(interaction.message, "id", None))
+
+
+def answer_view(requester_id: int) -> discord.ui.View:
+    """The buttons of an answer (persistent: see `DeleteButton`)."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(DeleteButton(requester_id))
+    return view

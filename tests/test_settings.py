@@ -1,0 +1,42 @@
+"""Settings from the environment and `.env`: parsing, retired variables, values that make no sense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config import Settings, SettingsError
+
+
+def test_values_come_from_the_environment_over_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("ZEBRA_QUEUE_SIZE=5\nCLASSIFY_QUEUE_SIZE=7\nQUEUE_TURNS=off\n")
+    settings = Settings.from_env({"CLASSIFY_QUEUE_SIZE": "9"}, env_file=env_file)
+    assert (settings.classify_queue_size, settings.zebra_queue_size, settings.queue_turns) == (9, 5, False)
+
+
+def test_a_retired_variable_is_named_with_its_replacement(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MAX_QUEUE_SIZE=64\n")
+    with pytest.raises(SettingsError, match=r"MAX_QUEUE_SIZE is no longer read: .*CLASSIFY_QUEUE_SIZE, ZEBRA_QUEUE_SIZE"):
+        Settings.from_env({}, env_file=env_file)
+    assert Settings.from_env({"MAX_QUEUE_SIZE": " "}, env_file=None).classify_queue_size == 64  # empty: not set
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MAX_IMAGE_ASPECT_RATIO", "0.5", "would refuse every image"),
+        ("MAX_IMAGE_ASPECT_RATIO", "nan", "would refuse every image"),
+        ("MAX_JPEG_SCANS", "0", "MAX_JPEG_SCANS=0 must be at least 1"),
+        ("ZEBRA_QUEUE_SIZE", "0", "ZEBRA_QUEUE_SIZE=0 must be at least 1"),
+    ],
+)
+def test_values_that_would_refuse_everything_are_refused_at_start(variable: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({variable: value}, env_file=None)
+
+
+def test_an_unbounded_aspect_ratio_is_allowed() -> None:
+    assert Settings.from_env({"MAX_IMAGE_ASPECT_RATIO": "inf"}, env_file=None).max_image_aspect_ratio == float("inf")
