@@ -22,7 +22,7 @@ from inference.service import Ticket
 log = logging.getLogger(__name__)
 
 NOT_YOURS = "This isn't your request: only the person who asked (or a moderator) can do that."
-ALREADY_DONE = "That request has already finished."
+ALREADY_DONE = "That request is no longer waiting."
 CANCELLED = "🚫 Cancelled before it reached the model."
 
 
@@ -90,7 +90,7 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"vi
         line: WaitingRequests | None = getattr(interaction.client, "waiting", None)
         message_id = interaction.message.id if interaction.message is not None else 0
         waiting = line.get(message_id) if line is not None else None
-        if waiting is None or waiting.cancelled or waiting.ticket.done():
+        if waiting is None or waiting.ticket.done():  # answered, failed or cancelled
             await interaction.response.send_message(ALREADY_DONE, ephemeral=True)
             return
         waiting.cancelled = True

@@ -12,7 +12,7 @@ import discord
 from PIL import Image
 
 from inference.pipeline import Prediction
-from inference.service import ModelState
+from inference.service import ModelState, ServiceStats, TaskStats
 from inference.tasks import TASK_SPECS
 
 #: What Discord lets a bot upload where nothing says otherwise (DMs, unboosted servers).
@@ -165,6 +165,7 @@ def help_embed(prefix: str, *, prefix_commands: bool = True) -> discord.Embed:
     for spec in TASK_SPECS.values():  # one line per task, in the words of `inference.tasks`
         embed.add_field(name=spec.name, value=spec.description, inline=False)
     embed.add_field(name="models", value="Which models are loaded, and what is missing.", inline=False)
+    embed.add_field(name="status", value="Each model's state, its queue and how fast it answers.", inline=False)
     embed.add_field(name="help", value="This message.", inline=False)
     embed.set_footer(text="Images marked as spoilers come back as spoilers.")
     return embed
@@ -186,6 +187,38 @@ def models_embed(states: Sequence[ModelState]) -> discord.Embed:
         embed.add_field(name=state.task, value=_clip("\n".join(lines), 1024), inline=False)
     embed.set_footer(text="Models load on first use; weights live in the bot's weights directory.")
     return embed
+
+
+def state_label(state: ModelState) -> str:
+    """loaded / loading / idle / missing weights / unavailable."""
+    if state.missing:
+        return "missing weights"
+    return {"ready": "loaded"}.get(state.state, state.state)
+
+
+def status_embed(states: Sequence[ModelState], stats: ServiceStats, versions: str) -> discord.Embed:
+    """Per task: its state, model, runtime and device; requests waiting and running; the
+    median and 95th percentile of its last answers.  `versions` goes in the footer."""
+    embed = discord.Embed(title="Status", colour=EMBED_COLOUR)
+    for state in states:
+        counts = stats.tasks.get(state.task) or TaskStats(state.task)
+        label = state_label(state)
+        icon = _STATE_ICONS.get("unavailable" if state.missing else state.state, "•")
+        where = " on ".join(part for part in (state.runtime, state.device or "device not known yet") if part)
+        times = (
+            f"p50 {_ms(counts.p50_ms)} · p95 {_ms(counts.p95_ms)}" if counts.done else "no answers yet"
+        )
+        lines = [
+            f"{icon} {label} · `{state.model}` · {where}",
+            f"waiting {counts.waiting} · running {counts.running} · {times}",
+        ]
+        embed.add_field(name=state.task, value=_clip("\n".join(lines), 1024), inline=False)
+    embed.set_footer(text=versions)
+    return embed
+
+
+def _ms(milliseconds: float) -> str:
+    return f"{milliseconds / 1000:.1f} s" if milliseconds >= 1000 else f"{milliseconds:.0f} ms"
 
 
 def _clip(text: str, limit: int) -> str:

@@ -141,3 +141,49 @@ async def test_models_lists_missing_files_with_the_command_that_gets_them(tmp_pa
             assert "— idle" in states["zebra"]
     finally:
         await bot.close()
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def shown_ms(milliseconds: float) -> str:
+    return f"{milliseconds / 1000:.1f} s" if milliseconds >= 1000 else f"{milliseconds:.0f} ms"
+
+
+async def test_status_shows_each_task_with_its_queue_and_times(service, bobby_jpg):
+    from tests.test_bot_buttons import HeldModel, on_the_model
+
+    async with running_bot(service) as env:
+        channel, alice = world(env)
+        with HeldModel(service, "classify"):
+            ahead = await on_the_model(service, "classify", bobby_jpg)  # in the worker, not started
+            result = await alice.slash(channel, "status")
+        await ahead
+        embed = result.response.embeds[0]
+        fields = {f.name: f.value for f in embed.fields}
+        assert list(fields) == ["classify", "zebra", "caption"]
+        assert fields["classify"].startswith("🟢 loaded · `efficientnet_lite0` · torch on cpu")
+        assert "waiting 1 · running 0 · p50 " in fields["classify"]  # the held request
+        assert "waiting 0 · running 0 · p50 " in fields["zebra"] and " · p95 " in fields["zebra"]
+        caption = service.stats()["caption"]  # the figures are the service's own
+        assert f"p50 {shown_ms(caption.p50_ms)} · p95 {shown_ms(caption.p95_ms)}" in fields["caption"]
+        assert embed.footer.text.startswith(f"discord.py {discord.__version__} · Python 3.")
+
+        await alice.send(channel, "!status")  # everyone may use it, in both forms
+        assert [f.name for f in channel.last_message.embeds[0].fields] == ["classify", "zebra", "caption"]
+        assert "waiting 0 · running 0" in channel.last_message.embeds[0].fields[0].value
+        assert env.errors == []
+
+
+async def test_status_names_missing_weights(tmp_path):
+    bot = create_bot(Settings(weights_dir=tmp_path / "weights", bot_data_dir=tmp_path / "bot"))
+    try:
+        async with simcord.run(bot, settle_timeout=SETTLE_TIMEOUT_S) as env:
+            channel, alice = world(env)
+            await alice.send(channel, "!status")
+            fields = {f.name: f.value for f in channel.last_message.embeds[0].fields}
+            assert fields["zebra"].startswith("🔴 missing weights · `horse2zebra`")
+            assert fields["classify"].startswith("⚪ idle · `efficientnet_lite0`")
+            assert "no answers yet" in fields["classify"]
+    finally:
+        await bot.close()

@@ -1,10 +1,13 @@
-"""`help` and `models`: what the bot does, and which models are loaded or missing."""
+"""`help`, `models` and `status`: what the bot does, which models are loaded or missing, and
+how each one is doing (its queue, how fast it answers)."""
 
 from __future__ import annotations
 
 import asyncio
+import platform
 from typing import TYPE_CHECKING
 
+import discord
 from discord.ext import commands
 
 from bot import formatting
@@ -31,6 +34,14 @@ class InfoCog(commands.Cog, name="Info"):
         # The service looks at its weights directory (the disk): not on the event loop.
         states = await asyncio.to_thread(self.bot.service.models)
         await ctx.reply_safely(embed=formatting.models_embed(states))
+
+    @commands.hybrid_command(description="Each model's state, its queue and how fast it answers.")
+    @commands.bot_has_permissions(send_messages=True, embed_links=True)
+    async def status(self, ctx: VisionContext) -> None:
+        # `models()` looks at the weights directory (the disk): not on the event loop.
+        states = await asyncio.to_thread(self.bot.service.models)
+        versions = f"discord.py {discord.__version__} · Python {platform.python_version()}"
+        await ctx.reply_safely(embed=formatting.status_embed(states, self.bot.service.stats(), versions))
 
 
 async def setup(bot: VisionBot) -> None:

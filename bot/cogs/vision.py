@@ -5,8 +5,9 @@ Every entry point ends in `VisionCog.answer(ctx, task, sources)`: ask the infere
 slots for the message's images first (`reserve`: a user at their cap or a full queue costs no
 download), then download each granted image within the bot-wide byte budget and submit it (so
 one message's images can share a batch), then answer each image in order.  When a request has
-to wait behind others, each image first gets a reply with its place in line, which is edited
-into the result when it is done.
+to wait behind others, each image first gets a reply with its place in line and a Cancel
+button (`bot.buttons`), which is edited into the result when it is done.  Every answer carries
+a Delete button.
 
 Each image is answered on its own: a placeholder deleted by a moderator, a missing permission
 or a command message that is gone costs that one answer at most, never the others.  Anything
@@ -252,7 +253,7 @@ class VisionCog(commands.Cog, name="Vision"):
                     if job.ticket is not None and not job.ticket.done():
                         job.ticket.cancel()
                     if job.waiting is not None:
-                        self.bot.waiting.remove(job.waiting)  # its Cancel now says "finished"
+                        self.bot.waiting.remove(job.waiting)  # a late Cancel: "no longer waiting"
 
     async def _say(self, ctx: VisionContext, text: str, **kwargs: Any) -> discord.Message | None:
         """A line of the bot's own (a place in line, skipped images); one that cannot be sent is
@@ -286,7 +287,7 @@ class VisionCog(commands.Cog, name="Vision"):
                 except (ImageFetchError, InferenceError) as error:
                     job.error = error
                     continue
-                job.ahead = job.ticket.position(); print("AHEAD", job.ahead, flush=True)
+                job.ahead = job.ticket.position()
 
     def _refusal(self, task: str, user: discord.abc.User) -> InferenceError:
         """Why an image beyond what was granted is not answered: the service's own `Busy`, with
