@@ -93,9 +93,12 @@ class TaskSpec:
         return int(getattr(settings, self.memory_limit_setting))
 
 
+#: How many classes `classify` answers with unless asked otherwise: the book's top 5.
+DEFAULT_TOP = 5
+
 CLASSIFY = TaskSpec(
     name="classify",
-    options=(OptionSpec("top", 1, 20, default=5, description="how many classes to show"),),
+    options=(OptionSpec("top", 1, 20, default=DEFAULT_TOP, description="how many classes to show"),),
     model_setting="classifier",
     fixed_model="",
     batches_on_cpu=True,
@@ -103,7 +106,7 @@ CLASSIFY = TaskSpec(
     queue_limit_setting="classify_queue_size",
     memory_limit_setting="classify_max_memory_mb",
     title="classify",
-    description="Say what is in a photo: the top 5 ImageNet classes.",
+    description=f"Say what is in a photo: the top {DEFAULT_TOP} ImageNet classes.",
     heavy=False,
 )
 
