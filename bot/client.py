@@ -21,7 +21,7 @@ from discord.ext import commands
 
 from bot.buttons import CancelButton, DeleteButton, WaitingRequests
 from bot.context import VisionContext
-from bot.downloads import DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT, ByteBudget
+from bot.downloads import ByteBudget
 from bot.errors import ChannelNotAllowed, ShuttingDown, report_error
 from bot.sync import sync_if_changed
 from bot.urls import ImageFetcher
@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 #: Extensions loaded in `setup_hook`, one cog per feature area.
 EXTENSIONS = ("bot.cogs.vision", "bot.cogs.info", "bot.cogs.admin")
-
-#: Seconds `close()` lets the requests in flight finish, when the settings say nothing.
-DEFAULT_SHUTDOWN_GRACE_S = 30.0
 
 
 class VisionTree(app_commands.CommandTree):
@@ -92,9 +89,7 @@ class VisionBot(commands.Bot):
         self.fetcher = url_fetcher if url_fetcher is not None else ImageFetcher(settings)
         self._owned.push_async_callback(self.fetcher.close)
         #: Bytes being downloaded at once, across every command and user.
-        self.downloads = ByteBudget(
-            int(getattr(settings, "max_download_bytes_in_flight", DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT))
-        )
+        self.downloads = ByteBudget(settings.max_download_bytes_in_flight)
         #: Requests waiting in line behind a message with a Cancel button.
         self.waiting = WaitingRequests()
         #: Set when `close()` begins: no new commands from then on.
@@ -156,7 +151,7 @@ class VisionBot(commands.Bot):
 
     async def _close_in_order(self) -> None:
         self.stopping = True
-        grace_s = float(getattr(self.settings, "shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S))
+        grace_s = self.settings.shutdown_grace_s
         try:
             if self._requests_in_flight:
                 log.info("stopping: waiting up to %.0f s for %d request(s)", grace_s, self._requests_in_flight)

@@ -15,10 +15,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-#: Bytes being downloaded at once across the bot, when the settings say nothing.
-DEFAULT_MAX_DOWNLOAD_BYTES_IN_FLIGHT = 100 * 1024 * 1024
-
-
 class ByteBudget:
     """At most `limit` bytes held at once; waiters are served first come, first served."""
 

@@ -46,6 +46,12 @@ class Settings:
     #: Image URLs: https only unless this is set.
     allow_http_urls: bool = False
     url_timeout_s: float = 10.0
+    #: Bytes the bot downloads at once across every user (a link counts as `max_image_bytes`
+    #: until read); images are downloaded only after the queue has taken them.
+    max_download_bytes_in_flight: int = 100 * 1024 * 1024
+    #: On shutdown, seconds the answers in progress may take before their users are told the
+    #: bot is restarting.
+    shutdown_grace_s: float = 30.0
     #: The bot's own files (the hash of the last synced command tree: the bot syncs its
     #: commands with Discord at start-up only when they changed since).
     bot_data_dir: Path = field(default_factory=default_bot_data_dir)

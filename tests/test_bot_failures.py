@@ -16,7 +16,6 @@ import discord
 import pytest
 from simcord.backend.errors import BackendError
 
-import bot.client
 from bot.errors import ChannelNotAllowed, NoImageFound, unwrap
 from bot.urls import ImageFetcher
 from tests.httpserver import LocalHTTPServer
@@ -331,9 +330,8 @@ async def test_shutdown_lets_a_request_in_flight_answer_before_the_session_close
         assert channel.last_message.author.id == alice.id
 
 
-async def test_shutdown_past_its_grace_says_it_is_restarting(service, horse_jpg, monkeypatch):
-    monkeypatch.setattr(bot.client, "DEFAULT_SHUTDOWN_GRACE_S", 0.0)
-    async with running_bot(service) as env:
+async def test_shutdown_past_its_grace_says_it_is_restarting(service, horse_jpg):
+    async with running_bot(service, shutdown_grace_s=0.0) as env:
         channel, alice = world(env)
         events = sessions_close_like_aiohttp(env)
         closing: list[asyncio.Future[None]] = []

@@ -40,3 +40,11 @@ def test_values_that_would_refuse_everything_are_refused_at_start(variable: str,
 
 def test_an_unbounded_aspect_ratio_is_allowed() -> None:
     assert Settings.from_env({"MAX_IMAGE_ASPECT_RATIO": "inf"}, env_file=None).max_image_aspect_ratio == float("inf")
+
+
+def test_the_bots_download_budget_and_shutdown_grace_are_settings() -> None:
+    from bot import create_bot
+
+    settings = Settings.from_env({"MAX_DOWNLOAD_BYTES_IN_FLIGHT": "5000000", "SHUTDOWN_GRACE_S": "2.5"}, env_file=None)
+    assert (settings.max_download_bytes_in_flight, settings.shutdown_grace_s) == (5_000_000, 2.5)
+    assert create_bot(settings).downloads.limit == 5_000_000
