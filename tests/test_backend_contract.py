@@ -239,6 +239,9 @@ async def test_a_reservation_holds_slots_until_used_or_released(backend: Inferen
     cap = SETTINGS["max_pending_per_user"]
     slots = backend.reserve("classify", cap + 3, user="dave")
     assert slots.granted == cap and slots.remaining == cap
+    # Why the other three were not granted: the Busy they would have got, hint included.
+    assert isinstance(slots.shortfall, Busy) and f"You already have {cap} requests in progress" in str(slots.shortfall)
+    assert 0 < slots.shortfall.retry_after < float("inf")
     assert backend.pending_for("dave") == cap and classify(backend).reserved == cap
     with pytest.raises(Busy, match="in progress"):
         backend.reserve("classify", 1, user="dave")
@@ -256,11 +259,14 @@ async def test_a_reservation_holds_slots_until_used_or_released(backend: Inferen
     limit = SETTINGS["classify_queue_size"]
     async with backend.reserve("classify", limit + 5) as everything:
         assert everything.granted == limit
+        assert everything.shortfall is not None and "classify model is busy" in str(everything.shortfall)
         with pytest.raises(Busy, match="busy"):
             backend.submit("classify", dog)
     assert classify(backend).reserved == 0
     with pytest.raises(ValueError):
         backend.reserve("classify", 0)
+    with backend.reserve("classify", 1) as one:
+        assert one.shortfall is None  # all granted
 
 
 async def test_a_dropped_reservation_gives_its_slots_back(backend: InferenceBackend) -> None:

@@ -32,7 +32,7 @@ from bot.context import VisionContext
 from bot.errors import RESTARTING_MESSAGE, NoImageFound, report_error
 from bot.sources import ImageSource, find_sources, needs_fetch
 from bot.urls import ImageFetchError
-from inference.errors import Busy, InferenceError, ServiceClosed
+from inference.errors import InferenceError, ServiceClosed
 from inference.service import Ticket
 from inference.tasks import TASK_SPECS, TaskSpec
 
@@ -272,12 +272,10 @@ class VisionCog(commands.Cog, name="Vision"):
             for job in jobs:
                 job.error = error
             return
-        refusal: InferenceError | None = None
         async with reservation:  # frees the slots not used, whatever happens below
             for index, job in enumerate(jobs):
                 if index >= reservation.granted:
-                    refusal = refusal or self._refusal(task, user)  # asked once per message
-                    job.error = refusal
+                    job.error = reservation.shortfall  # the service's Busy, with its retry hint
                     continue
                 try:
                     async with self.bot.downloads.hold(job.source.download_size(self.bot.fetcher)):
@@ -288,16 +286,6 @@ class VisionCog(commands.Cog, name="Vision"):
                     job.error = error
                     continue
                 job.ahead = job.ticket.position()
-
-    def _refusal(self, task: str, user: discord.abc.User) -> InferenceError:
-        """Why an image beyond what was granted is not answered: the service's own `Busy`, with
-        its retry hint, asked for one more slot now that the granted ones are taken."""
-        try:
-            extra = self.bot.service.reserve(task, 1, user=user.id)
-        except InferenceError as error:
-            return error
-        extra.release()  # room appeared meanwhile; still, this message had its share
-        return Busy("You have as many requests in progress as I take at once; try again soon.", 5.0)
 
     async def _answer_job(self, ctx: VisionContext, task: str, job: _Job) -> None:
         spoiler = job.source.spoiler

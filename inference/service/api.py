@@ -57,6 +57,9 @@ class Reservation(Protocol):
 
     granted: int
     task: str
+    #: Why fewer than the slots asked for were granted (the `Busy` the rest would have got,
+    #: with its retry hint); None when all were.
+    shortfall: Busy | None
 
     @property
     def remaining(self) -> int: ...

@@ -102,18 +102,23 @@ class InferenceService:
         user_room = count if user is None else self.settings.max_pending_per_user - self._pending_by_user[user]
         granted = max(0, min(count, queue_room, user_room))
         lane.counts.rejected += count - granted
-        if granted == 0:
-            if user_room <= 0:
-                held = self._pending_by_user[user]
-                raise Busy(
-                    f"You already have {held} request{'s' if held != 1 else ''} in progress; wait for one to finish.",
-                    lane.retry_after(),
-                )
-            raise Busy(f"The {task} model is busy right now; try again in a moment.", lane.retry_after())
+        shortfall = None if granted == count else self._refusal(lane, user, granted, at_user_cap=user_room <= granted)
+        if shortfall is not None and granted == 0:
+            raise shortfall
         lane.reserved += granted
         if user is not None:
             self._pending_by_user[user] += granted
-        return LocalReservation(lane, user, granted, self._submit_reserved, self._release)
+        return LocalReservation(lane, user, granted, self._submit_reserved, self._release, shortfall)
+
+    def _refusal(self, lane: TaskLane, user: Hashable | None, granted: int, *, at_user_cap: bool) -> Busy:
+        """Why the slots beyond `granted` were not granted: the user's cap, or the task's queue."""
+        if at_user_cap:
+            held = self._pending_by_user[user] + granted
+            return Busy(
+                f"You already have {held} request{'s' if held != 1 else ''} in progress; wait for one to finish.",
+                lane.retry_after(),
+            )
+        return Busy(f"The {lane.task} model is busy right now; try again in a moment.", lane.retry_after())
 
     def submit(
         self, task: str, image: bytes, *, user: Hashable | None = None, timeout: float | None = None, **options: Any

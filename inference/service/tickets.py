@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from inference.errors import Busy
 from inference.service.lane import Request, TaskLane
 
 
@@ -93,8 +94,10 @@ class LocalReservation:
         granted: int,
         submit_reserved: SubmitReserved,
         release_slots: ReleaseSlots,
+        shortfall: Busy | None = None,
     ) -> None:
         self.granted = granted
+        self.shortfall = shortfall
         self.task = lane.spec.name
         self._lane = lane
         self._user = user
