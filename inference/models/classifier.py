@@ -36,7 +36,6 @@ from inference.registry import ModelEntry, get_model
 from inference.tasks import get_task
 from inference.weights import DOWNLOAD_COMMAND
 
-DEFAULT_CLASSIFIER: str = Settings.classifier
 #: How many labels an answer has when the request does not say (the task's option default).
 DEFAULT_TOP: int = get_task("classify").option("top").default_for(Settings())
 
@@ -263,10 +262,6 @@ def load_classifier(
 ) -> ClassifierPipeline:
     """A classifier by name, in this process (the CLI, scripts): the registry picks the builder."""
     return get_model(name, task="classify").load(source, device)  # type: ignore[arg-type]
-
-
-def load_from_settings(settings: Settings, device: torch.device) -> ClassifierPipeline:
-    return load_classifier(settings.classifier, device, ClassifierSource.of(settings))
 
 
 def _first_line(error: BaseException) -> str:
