@@ -55,6 +55,12 @@ class Settings:
     #: The bot's own files (the hash of the last synced command tree: the bot syncs its
     #: commands with Discord at start-up only when they changed since).
     bot_data_dir: Path = field(default_factory=default_bot_data_dir)
+    #: The SQLite file of the per-server settings that `/config` changes (created on first start).
+    database_path: Path = field(default_factory=lambda: default_bot_data_dir() / "servers.sqlite3")
+    #: Sharding (discord.py's `AutoShardedBot`): the total number of shards (0: one process,
+    #: no sharding) and the ones this process runs (empty: all of them).
+    shard_count: int = 0
+    shard_ids: frozenset[int] = frozenset()
 
     # --- Models ----------------------------------------------------------------------------
     classifier: str = "efficientnet_lite0"
@@ -81,6 +87,19 @@ class Settings:
     max_image_aspect_ratio: float = 50.0
     #: JPEGs with more scans are refused before decoding: each scan is a pass over the image.
     max_jpeg_scans: int = 100
+
+    # --- Runtime and backend ---------------------------------------------------------------
+    #: "auto": ONNX Runtime for each model whose export passes its parity check, PyTorch
+    #: elsewhere; "onnx" or "torch" to force one (see `inference.runtime`).
+    inference_runtime: str = "auto"
+    #: "local": worker processes on this machine; "ray": Ray Serve deployments.
+    inference_backend: str = "local"
+    #: An existing Ray cluster to use ("auto" or "ray://host:10001"); empty: the service
+    #: starts a local Ray instance that it owns and stops on close.
+    ray_address: str = ""
+    #: Replicas of each task's Serve deployment: autoscaled between these two.
+    ray_min_replicas: int = 1
+    ray_max_replicas: int = 1
 
     # --- Worker queue ----------------------------------------------------------------------
     #: "auto" picks CUDA when present, else the CPU; or any torch device string.
@@ -147,10 +166,17 @@ class Settings:
             raise SettingsError(
                 f"MAX_IMAGE_ASPECT_RATIO={self.max_image_aspect_ratio:g} would refuse every image; it must be at least 1"
             )
+        for name, allowed in (("inference_runtime", RUNTIMES), ("inference_backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(allowed)}")
         for name in ("max_jpeg_scans", "classify_queue_size", "zebra_queue_size", "caption_queue_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be at least 1")
 
+
+#: The values of INFERENCE_RUNTIME and INFERENCE_BACKEND.
+RUNTIMES = ("auto", "onnx", "torch")
+BACKENDS = ("local", "ray")
 
 #: Variables an earlier version read, and what to set instead: an `.env` that still sets one is
 #: told so, rather than having it silently ignored.
