@@ -68,8 +68,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("models", ("inference.models.*",)),
+    # How a model runs: export to ONNX (torch, in a short-lived process), the cache of exported
+    # files, and the torch-free ONNX Runtime pipelines that the workers load from it.
+    ("runtime", ("inference.runtime.*",)),
     ("worker", ("inference.worker.*",)),
     ("service", ("inference.service.*",)),
+    # The Ray Serve application (`serve run inference.serve_app:app`): deployments over the workers' pipelines.
+    ("serve app", ("inference.serve_app",)),
     ("CLI and bench", ("inference.cli", "inference.__main__", "inference.bench")),
     ("bot", ("bot.*",)),
 )
