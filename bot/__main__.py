@@ -21,7 +21,7 @@ import discord
 from bot.client import create_bot
 from config import Settings
 from config.settings import SettingsError
-from inference.service import InferenceService
+from inference.service.factory import create_service
 
 #: A bot token is three base64url parts joined by dots: (ordinal, what the part encodes, the
 #: fewest characters it has in a real token).
@@ -117,7 +117,7 @@ async def run(settings: Settings, token: str) -> None:
     handed to the other.  Leaving the blocks stops them in the order of the hardening issue:
     the bot drains its answers and closes its HTTP session, then the service closes."""
     _stop_on_sigterm()
-    async with InferenceService(settings) as service:
+    async with create_service(settings) as service:  # INFERENCE_BACKEND: local or ray
         try:
             async with create_bot(settings, service=service) as bot:
                 await bot.start(token)

@@ -1,6 +1,6 @@
 """The buttons on the bot's messages: **Cancel** on a request waiting in line, **Delete** on
-every answer.  Who may press them: the person who asked, or a member with Manage Messages;
-anyone else gets a private refusal.
+every answer (beside its chain buttons: `bot.chains`).  Who may press them: the person who
+asked, or a member with Manage Messages; anyone else gets a private refusal.
 
 Both are `DynamicItem`s whose `custom_id` carries the requester's id, registered with
 `bot.add_dynamic_items` in `setup_hook`: **Delete** keeps working after the bot restarts, and a
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import discord
 
-from inference.service import Ticket
+from bot.waiting import WaitingRequests
 
 log = logging.getLogger(__name__)
 
@@ -32,37 +32,6 @@ def may_act_for(interaction: discord.Interaction, requester_id: int) -> bool:
         return True
     permissions = interaction.permissions
     return bool(permissions.manage_messages or permissions.administrator)
-
-
-@dataclass(eq=False)
-class Waiting:
-    """A request waiting in line behind a "you're in line" message."""
-
-    message_id: int
-    ticket: Ticket
-    #: Set when a press of Cancel took it out of the line: the message says so already.
-    cancelled: bool = False
-
-
-class WaitingRequests:
-    """The bot's waiting requests, by the id of the message that carries their Cancel button."""
-
-    def __init__(self) -> None:
-        self._by_message: dict[int, Waiting] = {}
-
-    def add(self, message_id: int, ticket: Ticket) -> Waiting:
-        waiting = self._by_message[message_id] = Waiting(message_id, ticket)
-        return waiting
-
-    def get(self, message_id: int) -> Waiting | None:
-        return self._by_message.get(message_id)
-
-    def remove(self, waiting: Waiting) -> None:
-        if self._by_message.get(waiting.message_id) is waiting:
-            del self._by_message[waiting.message_id]
-
-    def __len__(self) -> int:
-        return len(self._by_message)
 
 
 class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"vision:cancel:(?P<user>[0-9]{1,20})"):
@@ -93,10 +62,16 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"vi
         if waiting is None or waiting.ticket.done():  # answered, failed or cancelled
             await interaction.response.send_message(ALREADY_DONE, ephemeral=True)
             return
-        waiting.cancelled = True
+        waiting.cancelled = True  # the ticker leaves it alone from now on
         waiting.ticket.cancel()  # out of the line before it costs model time
-        # The press's own response edits the message: no API call of its own.
-        await interaction.response.edit_message(content=CANCELLED, embed=None, attachments=[], view=None)
+        if not waiting.editing.locked():
+            # The press's own response edits the message: no API call of its own.
+            await interaction.response.edit_message(content=CANCELLED, embed=None, attachments=[], view=None)
+            return
+        # The ticker is updating its place in line: acknowledge now, say so once that edit is in.
+        await interaction.response.defer()
+        async with waiting.editing:
+            await interaction.edit_original_response(content=CANCELLED, embed=None, attachments=[], view=None)
 
 
 def cancel_view(requester_id: int) -> discord.ui.View:
@@ -144,8 +119,10 @@ class DeleteButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"vi
             log.debug("answer %s was already gone", getattr(interaction.message, "id", None))
 
 
-def answer_view(requester_id: int) -> discord.ui.View:
-    """The buttons of an answer (persistent: see `DeleteButton`)."""
+def answer_view(requester_id: int, chains: Sequence[discord.ui.Item[Any]] = ()) -> discord.ui.View:
+    """The buttons of an answer: its chains (`bot.chains`), then Delete (all persistent)."""
     view = discord.ui.View(timeout=None)
+    for chain in chains:
+        view.add_item(chain)
     view.add_item(DeleteButton(requester_id))
     return view

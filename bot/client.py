@@ -19,19 +19,26 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.buttons import CancelButton, DeleteButton, WaitingRequests
+from bot.buttons import CancelButton, DeleteButton
+from bot.chains import ChainButton
 from bot.context import VisionContext
 from bot.downloads import ByteBudget
 from bot.errors import ChannelNotAllowed, ShuttingDown, report_error
+from bot.guild_config import GuildConfig, GuildConfigStore, ServerSettings
 from bot.sync import sync_if_changed
 from bot.urls import ImageFetcher
+from bot.waiting import WaitingRequests
 from config import Settings
-from inference.service import InferenceService
+from inference.service import InferenceBackend
+from inference.service.factory import create_service
 
 log = logging.getLogger(__name__)
 
 #: Extensions loaded in `setup_hook`, one cog per feature area.
-EXTENSIONS = ("bot.cogs.vision", "bot.cogs.info", "bot.cogs.admin")
+EXTENSIONS = ("bot.cogs.vision", "bot.cogs.style", "bot.cogs.info", "bot.cogs.admin", "bot.cogs.config")
+#: A command's `extras` key that lets it through the channel gate (`/config`: an admin who
+#: narrowed the channels can widen them again from anywhere).
+ANY_CHANNEL = "any_channel"
 
 
 class VisionTree(app_commands.CommandTree):
@@ -43,7 +50,7 @@ class VisionTree(app_commands.CommandTree):
             # Suggestions cannot carry a refusal; the command itself is refused when run.
             return isinstance(self.client, VisionBot) and self.client.serves(interaction.channel)
         if isinstance(self.client, VisionBot):
-            self.client.gate(interaction.channel)  # raises ShuttingDown / ChannelNotAllowed
+            self.client.gate(interaction.channel, interaction.command)  # raises ShuttingDown / ChannelNotAllowed
         return True
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -57,7 +64,7 @@ class VisionBot(commands.Bot):
         self,
         settings: Settings,
         *,
-        service: InferenceService | None = None,
+        service: InferenceBackend | None = None,
         url_fetcher: ImageFetcher | None = None,
         message_content: bool = True,
     ) -> None:
@@ -73,6 +80,7 @@ class VisionBot(commands.Bot):
             tree_cls=VisionTree,
             # Answers never ping anyone, whatever a caption or a file name says.
             allowed_mentions=discord.AllowedMentions.none(),
+            **shard_options(settings),
         )
         self.settings = settings
         #: What the bot closes after its Discord session, last in first out: the inference
@@ -80,7 +88,7 @@ class VisionBot(commands.Bot):
         #: was handed in belongs to whoever built it (`python -m bot`: its `async with`).
         self._owned = AsyncExitStack()
         if service is None:
-            service = InferenceService(settings)
+            service = create_service(settings)  # INFERENCE_BACKEND: worker processes or Ray Serve
             self._owned.push_async_callback(service.close)  # idempotent; fine if never started
         #: The models, behind their worker queue.
         self.service = service
@@ -90,6 +98,8 @@ class VisionBot(commands.Bot):
         self._owned.push_async_callback(self.fetcher.close)
         #: Bytes being downloaded at once, across every command and user.
         self.downloads = ByteBudget(settings.max_download_bytes_in_flight)
+        #: The servers' own settings (`/config`), opened in `setup_hook`; until then the bot's.
+        self.guild_configs: GuildConfigStore | None = None
         #: Requests waiting in line behind a message with a Cancel button.
         self.waiting = WaitingRequests()
         #: Set when `close()` begins: no new commands from then on.
@@ -106,8 +116,11 @@ class VisionBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         await self.service.start()  # a no-op for a service that is already running
+        if self.guild_configs is None:
+            self.guild_configs = await GuildConfigStore.open(self.settings.database_file)
+            self._owned.push_async_callback(self.guild_configs.close)
         # The buttons on the bot's messages, also on messages sent before a restart.
-        self.add_dynamic_items(CancelButton, DeleteButton)
+        self.add_dynamic_items(CancelButton, DeleteButton, ChainButton)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await sync_if_changed(self.tree, self.application_id, self.settings.bot_data_dir)
@@ -161,11 +174,13 @@ class VisionBot(commands.Bot):
                     # Out of time: the requests still waiting stop waiting and say so; a short
                     # while for those lines to go out.
                     self.out_of_time.set()
+                    self.dispatch("vision_out_of_time")  # wakes the requests waiting for a result
                     try:
                         await asyncio.wait_for(self._idle.wait(), timeout=5.0)
                     except asyncio.TimeoutError:
                         log.warning("stopping: %d request(s) did not finish", self._requests_in_flight)
         finally:
+            self.waiting.stop()  # nothing is waiting any more: no more updates of places in line
             try:
                 await super().close()
             finally:
@@ -181,19 +196,25 @@ class VisionBot(commands.Bot):
     def serves(self, channel: Any) -> bool:
         return not self.stopping and self.channel_allowed(channel)
 
-    def gate(self, channel: Any) -> None:
-        """Raise `ShuttingDown` or `ChannelNotAllowed` when the bot does not take a command
+    def gate(self, channel: Any, command: Any = None) -> None:
+        """Raise `ShuttingDown` or `ChannelNotAllowed` when the bot does not take `command`
         from `channel` now; the one place that decides, for every kind of command."""
         self.ensure_running()
-        if not self.channel_allowed(channel):
+        command = getattr(command, "wrapped", command)  # a hybrid command's slash form
+        if not getattr(command, "extras", {}).get(ANY_CHANNEL) and not self.channel_allowed(channel):
             raise ChannelNotAllowed("not an allowed channel")
 
     async def bot_check(self, ctx: commands.Context[Any]) -> bool:
-        self.gate(ctx.channel)
+        self.gate(ctx.channel, ctx.command)
         return True
 
+    def server_settings(self, guild: discord.abc.Snowflake | None) -> ServerSettings:
+        """What applies in `guild`: its own settings (`/config`) over the bot's."""
+        own = self.guild_configs.get(guild.id if guild else None) if self.guild_configs else GuildConfig()
+        return own.resolve(self.settings)
+
     def channel_allowed(self, channel: Any) -> bool:
-        allowed = self.settings.allowed_channels
+        allowed = self.server_settings(getattr(channel, "guild", None)).allowed_channels
         if not allowed or channel is None:
             return True
         if isinstance(channel, discord.abc.PrivateChannel):
@@ -203,10 +224,22 @@ class VisionBot(commands.Bot):
 
 
 
+class ShardedVisionBot(VisionBot, commands.AutoShardedBot):
+    """The bot on `SHARD_COUNT` shards (the ones in `SHARD_IDS`, or all): several bot processes
+    split the guilds, each running its own shards, all sharing one Ray cluster for the models."""
+
+
+def shard_options(settings: Settings) -> dict[str, Any]:
+    """discord.py's shard arguments from the settings; none without sharding."""
+    if settings.shard_count <= 0:
+        return {}
+    return {"shard_count": settings.shard_count, "shard_ids": sorted(settings.shard_ids) or None}
+
+
 def create_bot(
     settings: Settings | None = None,
     *,
-    service: InferenceService | None = None,
+    service: InferenceBackend | None = None,
     url_fetcher: ImageFetcher | None = None,
     message_content: bool = True,
 ) -> VisionBot:
@@ -218,8 +251,10 @@ def create_bot(
     one the bot builds from `settings`; `message_content=False` runs it without the
     privileged message-content intent.  Use it as `async with create_bot(...) as bot:`.
     """
-    return VisionBot(
-        settings if settings is not None else Settings.from_env(),
+    settings = settings if settings is not None else Settings.from_env()
+    bot_class = ShardedVisionBot if settings.shard_count > 0 else VisionBot
+    return bot_class(
+        settings,
         service=service,
         url_fetcher=url_fetcher,
         message_content=message_content,

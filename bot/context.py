@@ -15,12 +15,30 @@ from discord.ext import commands
 from bot.errors import report_error
 from bot.replies import reply
 from bot.sources import ImageSource, find_sources, sources_from_options
+from inference.tasks import MODEL_OPTION, TASK_SPECS
 
 if TYPE_CHECKING:
     from bot.client import VisionBot
 
 
 class VisionContext(commands.Context["VisionBot"]):
+    #: The model the command asked for (`/style NAME`); None: the server's or the bot's own.
+    requested_model: str | None = None
+
+    def model_for(self, task: str) -> str:
+        """The model this command's request runs: the one asked for, else the server's
+        classifier (`/config`) for classify, else the configured one."""
+        if self.requested_model is not None:
+            return self.requested_model
+        if task == "classify":
+            return self.bot.server_settings(self.guild).classifier
+        return TASK_SPECS[task].default_model(self.bot.settings)
+
+    def request_options(self, task: str) -> dict[str, Any]:
+        """The request's `model` option, when it is not the service's configured model."""
+        model = self.model_for(task)
+        return {MODEL_OPTION: model} if model != TASK_SPECS[task].default_model(self.bot.settings) else {}
+
     @property
     def invoker(self) -> discord.abc.User:
         """Who asked.  In a context menu `author` is the author of the *target* message."""

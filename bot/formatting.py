@@ -86,9 +86,24 @@ def skipped_message(labels: Sequence[str], limit: int) -> str:
     return f"I answer up to {limit} {images} per message; skipped: {', '.join(labels)}."
 
 
-def queue_message(ahead: int) -> str:
-    waiting = "1 request" if ahead == 1 else f"{ahead} requests"
-    return f"⏳ You're in line: {waiting} ahead of yours. This message will show the result."
+def queue_message(ahead: int, wait_s: float | None = None) -> str:
+    """A waiting request's place in line and, once the model's speed is known, its wait."""
+    if ahead <= 0:
+        place = "yours is next"
+    else:
+        place = f"{'1 request' if ahead == 1 else f'{ahead} requests'} ahead of yours"
+    wait = f", {wait_text(wait_s)} to wait" if wait_s is not None else ""
+    return f"⏳ You're in line: {place}{wait}. This message will show the result."
+
+
+def wait_text(seconds: float) -> str:
+    """A wait in round figures ("about 5 s", "about 2 min"): a reply updated as the line moves
+    changes (and costs an edit) only when the figure shown does."""
+    if seconds < 10:
+        return f"about {max(1, math.ceil(seconds))} s"
+    if seconds < 60:
+        return f"about {5 * math.ceil(seconds / 5)} s"
+    return f"about {math.ceil(seconds / 60)} min"
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -164,8 +179,10 @@ def help_embed(prefix: str, *, prefix_commands: bool = True) -> discord.Embed:
     )
     for spec in TASK_SPECS.values():  # one line per task, in the words of `inference.tasks`
         embed.add_field(name=spec.name, value=spec.description, inline=False)
+    embed.add_field(name="style", value="Repaint a photo in a style of the CycleGAN zoo (monet, vangogh, …).", inline=False)
     embed.add_field(name="models", value="Which models are loaded, and what is missing.", inline=False)
     embed.add_field(name="status", value="Each model's state, its queue and how fast it answers.", inline=False)
+    embed.add_field(name="config", value="This server's settings (members with Manage Server may change them).", inline=False)
     embed.add_field(name="help", value="This message.", inline=False)
     embed.set_footer(text="Images marked as spoilers come back as spoilers.")
     return embed

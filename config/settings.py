@@ -55,8 +55,10 @@ class Settings:
     #: The bot's own files (the hash of the last synced command tree: the bot syncs its
     #: commands with Discord at start-up only when they changed since).
     bot_data_dir: Path = field(default_factory=default_bot_data_dir)
-    #: The SQLite file of the per-server settings that `/config` changes (created on first start).
-    database_path: Path = field(default_factory=lambda: default_bot_data_dir() / "servers.sqlite3")
+    #: The SQLite file of the per-server settings that `/config` changes (created on first
+    #: start); unset: `servers.sqlite3` in `bot_data_dir` (so a bot given a data directory of
+    #: its own, a test's, keeps its database there too).
+    database_path: Path | None = None
     #: Sharding (discord.py's `AutoShardedBot`): the total number of shards (0: one process,
     #: no sharding) and the ones this process runs (empty: all of them).
     shard_count: int = 0
@@ -104,8 +106,9 @@ class Settings:
     # --- Worker queue ----------------------------------------------------------------------
     #: "auto" picks CUDA when present, else the CPU; or any torch device string.
     device: str = "auto"
-    #: Threads each worker process gives torch; 0 means one per available core.
-    torch_threads: int = 0
+    #: Cores the workers share: the service grants each batch a part of them, so that all the
+    #: tasks' threads together never exceed this; 0 means every core this process may use.
+    cpu_cores: int = 0
     #: Largest model batch, for the tasks that batch (`inference.tasks`: classify on the CPU).
     max_batch_size: int = 8
     max_batch_wait_ms: float = 5.0
@@ -158,10 +161,19 @@ class Settings:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    @property
+    def database_file(self) -> Path:
+        """`DATABASE_PATH`, or `servers.sqlite3` in `bot_data_dir` when it is unset."""
+        return self.database_path if self.database_path is not None else self.bot_data_dir / "servers.sqlite3"
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
+        if self.shard_ids and not all(0 <= shard < self.shard_count for shard in self.shard_ids):
+            raise SettingsError(
+                f"SHARD_IDS={','.join(map(str, sorted(self.shard_ids)))} must be shards of SHARD_COUNT={self.shard_count} (0 to {self.shard_count - 1})"
+            )
         if not self.max_image_aspect_ratio >= 1:  # also refuses NaN
             raise SettingsError(
                 f"MAX_IMAGE_ASPECT_RATIO={self.max_image_aspect_ratio:g} would refuse every image; it must be at least 1"
@@ -169,6 +181,8 @@ class Settings:
         for name, allowed in (("inference_runtime", RUNTIMES), ("inference_backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(allowed)}")
+        if self.cpu_cores < 0:
+            raise SettingsError(f"CPU_CORES={self.cpu_cores} must be 0 (every core) or more")
         for name in ("max_jpeg_scans", "classify_queue_size", "zebra_queue_size", "caption_queue_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be at least 1")
@@ -183,6 +197,8 @@ BACKENDS = ("local", "ray")
 RETIRED_VARIABLES = {
     "MAX_QUEUE_SIZE": "each task has its own queue limit now: set CLASSIFY_QUEUE_SIZE, ZEBRA_QUEUE_SIZE "
     "and CAPTION_QUEUE_SIZE instead (defaults 64, 16, 16).",
+    "TORCH_THREADS": "the workers share one core budget now: set CPU_CORES instead (0, the default: every "
+    "core this process may use); each batch gets its share of it.",
 }
 
 
@@ -200,7 +216,7 @@ def _parse(variable: str, raw: str, type_name: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
-        if kind == "Path":
+        if kind in ("Path", "Path | None"):
             return Path(raw).expanduser()
         if kind == "frozenset[int]":
             return frozenset(int(part) for part in raw.replace(",", " ").split())

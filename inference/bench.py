@@ -1,12 +1,13 @@
 """`python -m inference bench`: the worker queue under load, against a naive baseline.
 
-    python -m inference bench [--task classify] [--requests 64] [--concurrency 16] [--json]
+    python -m inference bench [--task classify] [--requests 64] [--concurrency 16] [--backend ray] [--json]
 
 Two measurements in one run, on the same inputs (the bundled sample photos and phone-size 4000×3000
 JPEGs made from them, cycled) with the same decoding, preprocessing and torch thread count:
 
 - the service: `--concurrency` clients, each awaiting one request at a time, through
-  `InferenceService` (worker process, dynamic batching);
+  `InferenceService` (worker process, dynamic batching), or with `--backend ray` the Ray Serve
+  deployments of a local Ray instance (`RAY_ADDRESS`: a cluster's);
 - the naive baseline: one request at a time, in this process, batch size 1, run right on the
   event loop — what a bot without a worker queue does.
 
@@ -31,8 +32,10 @@ from typing import Any
 from PIL import Image
 
 from config import Settings
+from config.settings import BACKENDS
 from inference.errors import InferenceError
-from inference.service import TASKS, InferenceBackend, InferenceService
+from inference.service import TASKS, InferenceBackend
+from inference.service.factory import create_service
 from inference.service.types import percentile
 from inference.tasks import get_task
 
@@ -70,7 +73,8 @@ class BenchReport:
     requests: int
     concurrency: int
     inputs: list[str]
-    torch_threads: int
+    #: The core budget (`cpu_cores`): the service's one task gets all of it, so does the baseline.
+    cpu_cores: int
     max_batch_size: int
     max_batch_wait_ms: float
     service: RunFigures
@@ -81,6 +85,8 @@ class BenchReport:
     p99_limit_ms: float
     batch_sizes: dict[int, int]
     targets: dict[str, bool]
+    #: What ran the model: the runtime its worker reports (INFERENCE_RUNTIME until it reports one).
+    runtime: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -96,14 +102,28 @@ def add_cli(subparsers: Any) -> None:
     parser.add_argument("--concurrency", type=_positive, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of JPEG photos")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=None, help="the service's backend (default INFERENCE_BACKEND: local)"
+    )
+    from inference.bench_modes import add_runtime_arguments  # on use: that module builds on this one
+
+    add_runtime_arguments(parser)  # --runtime, --compare-runtime, --mix
     parser.set_defaults(handler=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace, settings: Settings) -> int:
     inputs = bench_inputs(args.images)
+    if args.backend is not None:  # the same load through worker processes or Ray Serve
+        settings = settings.replace(inference_backend=args.backend)
+    from inference.bench_modes import run_mode, with_runtime
+
+    settings = with_runtime(settings, args)
+    if args.compare_runtime or args.mix:
+        return run_mode(args, settings, inputs)
     report = asyncio.run(run_bench(settings, args.task, inputs, args.requests, args.concurrency))
     print(report.to_json() if args.json else format_report(report))
     return 0
+
 
 
 def _positive(text: str) -> int:
@@ -230,7 +250,7 @@ class NaiveBaseline:
         from inference.registry import load_pipeline, resolve_device
         from inference.worker import worker_threads
 
-        torch.set_num_threads(worker_threads(settings.torch_threads))  # as many as the worker gets
+        torch.set_num_threads(worker_threads(settings.cpu_cores))  # as many as the worker gets
         self.pipeline = load_pipeline(task, settings, resolve_device(settings.device))
         self.limits = ImageLimits.from_settings(settings)
         self.inputs = inputs
@@ -273,6 +293,7 @@ class NaiveBaseline:
 async def run_bench(
     settings: Settings, task: str, inputs: list[BenchInput], requests: int, concurrency: int
 ) -> BenchReport:
+    from inference.bench_modes import reported_runtime
     from inference.worker import worker_threads
 
     naive = NaiveBaseline(settings, task, inputs)
@@ -280,9 +301,10 @@ async def run_bench(
     # The baseline runs half before and half after the service, so that a change in the
     # machine's load during the run weighs on both alike.
     await naive.measure(requests // 2)
-    async with InferenceService(with_room_for(settings, task, concurrency)) as service:
+    async with create_service(with_room_for(settings, task, concurrency)) as service:
         result = await measure_service(service, task, inputs, requests, concurrency)
         stats = service.stats()[task]
+        runtime = reported_runtime(service, task, settings.inference_runtime)
     await naive.measure(requests - requests // 2)
     baseline = naive.figures()
     speedup = result.throughput / baseline.throughput
@@ -292,7 +314,7 @@ async def run_bench(
         requests=requests,
         concurrency=concurrency,
         inputs=[f"{item.name} ({item.size[0]}×{item.size[1]}, {len(item.data) / 1e6:.2f} MB)" for item in inputs],
-        torch_threads=worker_threads(settings.torch_threads),
+        cpu_cores=worker_threads(settings.cpu_cores),
         max_batch_size=settings.max_batch_size,
         max_batch_wait_ms=settings.max_batch_wait_ms,
         service=result,
@@ -306,6 +328,7 @@ async def run_bench(
             "p99 <= 2 x concurrency / throughput": result.p99_ms <= p99_limit_ms,
             "no errors": result.errors == 0,
         },
+        runtime=runtime,
     )
 
 
@@ -320,8 +343,8 @@ def with_room_for(settings: Settings, task: str, concurrency: int) -> Settings:
 def format_report(report: BenchReport) -> str:
     lines = [
         f"bench {report.task}: {report.requests} requests, concurrency {report.concurrency}, "
-        f"{report.torch_threads} torch threads, batches of up to {report.max_batch_size} "
-        f"(wait {report.max_batch_wait_ms:g} ms)",
+        f"{report.cpu_cores} cores, batches of up to {report.max_batch_size} "
+        f"(wait {report.max_batch_wait_ms:g} ms), runtime {report.runtime or '?'}",
         "inputs: " + "; ".join(report.inputs),
         "",
         f"{'':16}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max loop lag ms':>17}{'errors':>8}",

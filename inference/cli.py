@@ -5,6 +5,7 @@
     python -m inference caption IMAGE [--beam N] [--weights-dir DIR] [--json]
     python -m inference weights list | download NAME|all
     python -m inference bench [--task classify] [--requests 64] [--concurrency 16] [--json]
+    python -m inference memory [--weights-dir DIR] [--runtime torch] [--burst 4] [--json]
 
 Errors are turned into words here, once: one line on stderr, a non-zero exit status.
 """
@@ -26,13 +27,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from config import Settings, SettingsError
-from inference import bench
+from inference import bench, memory
 from inference.catalogue import CATALOGUE, ModelWeights
 from inference.errors import InferenceError, ModelUnavailable
 from inference.images import ImageLimits, decode_image
 from inference.registry import ModelEntry, get_model, resolve_device
+from inference.runtime.loader import LoadedPipeline, load_for_worker
 from inference.tasks import get_task
 from inference.weights import WeightsStore
+from inference.worker.resources import worker_threads
 
 EXIT_FAILURE = 1
 
@@ -68,20 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_weights_cli(commands)
     bench.add_cli(commands)
+    memory.add_cli(commands)
     return parser
 
 
 def run_classify(args: argparse.Namespace, settings: Settings) -> int:
     data = _read_input(args.image, settings)  # a bad input fails before the model loads
-    entry = get_model(args.model or settings.classifier, task="classify")
-    pipeline = entry.load(settings, resolve_device(settings.device))
+    loaded = _load("classify", args.model or settings.classifier, settings)
+    pipeline = loaded.pipeline
     image = _decode(data, settings, pipeline.draft_size)
-    predictions = pipeline.classify(image, top=max(1, args.top))
+    predictions = pipeline.run([pipeline.preprocess(image)], [{"top": max(1, args.top)}])[0]
     if args.json:
         print(
             json.dumps(
                 {
                     "model": pipeline.name,
+                    "runtime": loaded.runtime,
                     "predictions": [{"label": p.label, "probability": p.probability} for p in predictions],
                 }
             )
@@ -103,8 +108,7 @@ def run_zebra(args: argparse.Namespace, settings: Settings) -> int:
     if args.weights is not None:
         pipeline = cyclegan.ZebraPipeline.from_checkpoint(args.weights, size=size, device=device)
     else:
-        entry = get_model(args.model or settings.zebra_model, task="zebra")
-        pipeline = entry.load(settings.replace(zebra_size=size), device)
+        pipeline = _load("zebra", args.model or settings.zebra_model, settings.replace(zebra_size=size)).pipeline
     image = _decode(data, settings, pipeline.draft_size)
     png = pipeline.run([pipeline.preprocess(image)], [{}])[0]
     _write_image(png, args.output)
@@ -118,14 +122,21 @@ def run_caption(args: argparse.Namespace, settings: Settings) -> int:
     data = _read_input(args.image, settings)
     device = resolve_device(settings.device)
     beam = args.beam or settings.caption_beam
-    if args.weights_dir is not None:
+    if args.weights_dir is not None:  # files named by hand: read by the torch pipeline as they are
         pipeline = captioner.CaptionPipeline.from_dir(args.weights_dir, size=settings.caption_size, beam=beam, device=device)
+        runtime = "torch"
     else:
-        entry = get_model(get_task("caption").default_model(settings), task="caption")
-        pipeline = entry.load(settings.replace(caption_beam=beam), device)
+        loaded = _load("caption", get_task("caption").default_model(settings), settings.replace(caption_beam=beam))
+        pipeline, runtime = loaded.pipeline, loaded.runtime
     image = _decode(data, settings, pipeline.draft_size)
     sentence = pipeline.run([pipeline.preprocess(image)], [{"beam": beam}])[0]
-    print(json.dumps({"caption": sentence}) if args.json else sentence)
+    print(json.dumps({"caption": sentence, "runtime": runtime}) if args.json else sentence)
+
+
+def _load(task: str, model_name: str, settings: Settings) -> LoadedPipeline:
+    """The model in the runtime INFERENCE_RUNTIME picks, as a worker would load it (the first
+    run of `auto` or `onnx` exports it once: a few seconds)."""
+    return load_for_worker(task, model_name, settings, settings.device, worker_threads(settings.cpu_cores))
     return 0
 
 

@@ -42,6 +42,10 @@ class OptionSpec:
         return value
 
 
+#: The option that picks a request's model, for the tasks that take one (`TaskSpec.takes_model`).
+MODEL_OPTION = "model"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -68,16 +72,43 @@ class TaskSpec:
     def default_model(self, settings: Settings) -> str:
         return str(getattr(settings, self.model_setting)) if self.model_setting else self.fixed_model
 
+    @property
+    def takes_model(self) -> bool:
+        """Whether a request may name its model (the `model` option): the tasks whose model is a
+        setting.  Without the option a request gets the configured one."""
+        return bool(self.model_setting)
+
+    def model_choices(self, settings: Settings) -> list[str]:
+        """The models a request may name, sorted: the task's registered models and the configured
+        one (which may be a family's name, `resnet101`).  Imports no torch: a family's rule (the
+        torchvision list) is not asked, so a request never makes the service import it."""
+        from inference.registry import list_models  # the registry imports this module
+
+        return sorted({*list_models(self.name), self.default_model(settings)}) if self.takes_model else []
+
+    def check_model(self, value: Any, settings: Settings) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"{self.name}: option {MODEL_OPTION!r} must be a model name, not {type(value).__name__}")
+        if value not in self.model_choices(settings):
+            raise ValueError(f"{self.name}: unknown model {value!r}; use one of: {', '.join(self.model_choices(settings))}")
+        return value
+
     def option(self, name: str) -> OptionSpec:
         for option in self.options:
             if option.name == name:
                 return option
-        known = ", ".join(option.name for option in self.options) or "none"
-        raise TypeError(f"{self.name} takes no option {name!r} (it takes: {known})")
+        known = ", ".join([option.name for option in self.options] + ([MODEL_OPTION] if self.takes_model else []))
+        raise TypeError(f"{self.name} takes no option {name!r} (it takes: {known or 'none'})")
 
     def validate(self, options: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
-        """The options checked (`TypeError`, `ValueError`) and completed with their defaults."""
-        checked = {name: self.option(name).check(self.name, value) for name, value in options.items()}
+        """The options checked (`TypeError`, `ValueError`) and completed with their defaults.
+        `model` stays absent unless given: the worker then runs its configured model."""
+        checked: dict[str, Any] = {}
+        for name, value in options.items():
+            if name == MODEL_OPTION and self.takes_model:
+                checked[name] = self.check_model(value, settings)
+            else:
+                checked[name] = self.option(name).check(self.name, value)
         for option in self.options:
             checked.setdefault(option.name, option.default_for(settings))
         return checked

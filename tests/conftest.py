@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,15 @@ def generated_weights_dir(tmp_path_factory) -> Path:
     from tests.checkpoints import populate_weights_dir
 
     return populate_weights_dir(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """The user cache directory of this test session (XDG_CACHE_HOME, which the worker
+    processes inherit): the ONNX export of the bundled EfficientNet-Lite0 lives there
+    (`inference.runtime.cache.model_dir`), made once per session and shared by every test's
+    weights directory, and nothing is written to the real home directory."""
+    folder = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder

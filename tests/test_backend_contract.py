@@ -25,6 +25,7 @@ from PIL import Image
 from config import Settings
 from inference.errors import Busy, ModelUnavailable, RequestTimeout, ServiceClosed
 from inference.service import InferenceBackend, InferenceService, Reservation, TaskStats, Ticket
+from inference.service.ray_backend import RayBackend
 from tests.conftest import IMAGES, assert_dog
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -32,11 +33,17 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 #: Backend name → how to build one from settings.
 BACKENDS: dict[str, Callable[[Settings], InferenceBackend]] = {
     "local": InferenceService,
+    # Starts a local Ray instance (the first one built owns it and stops it on close) and
+    # deploys the Serve application `vision` on it.
+    "ray": RayBackend,
 }
 
 SETTINGS = dict(
     device="cpu",
-    torch_threads=1,  # the suite shares two cores with the test process and other runs
+    cpu_cores=1,  # the suite shares two cores with the test process and other runs
+    # Named, not `auto` (which picks by a timing taken at export, on a machine shared with other
+    # runs): the model states below say which runtime runs each model.
+    inference_runtime="onnx",
     max_batch_size=4,
     max_batch_wait_ms=20.0,
     classify_queue_size=16,
@@ -148,6 +155,16 @@ async def test_position_counts_down_to_zero(backend: InferenceBackend, dog: byte
     seen.append(last.position())
     assert seen[0] == 5 and seen[-1] == 0
     assert all(later <= earlier for earlier, later in zip(seen, seen[1:])), seen
+
+
+async def test_a_ticket_estimates_its_wait_from_the_measured_speed(backend: InferenceBackend, dog: bytes) -> None:
+    await backend.submit("classify", dog)  # the task has measured at least one request now
+    tickets = [backend.submit("classify", dog) for _ in range(4)]
+    estimates = [ticket.estimated_wait() for ticket in tickets]
+    assert all(estimate is not None and estimate > 0 for estimate in estimates), estimates
+    assert estimates == sorted(estimates) and estimates[-1] > estimates[0]  # more ahead, longer
+    await settle(tickets)
+    assert [ticket.estimated_wait() for ticket in tickets] == [0.0] * 4
 
 
 async def test_cancelled_before_it_starts_never_reaches_the_model(backend: InferenceBackend, dog: bytes) -> None:
@@ -327,7 +344,7 @@ async def test_model_states_name_the_missing_weights_and_the_command_that_gets_t
     states = {state.task: state for state in backend.models()}
     assert list(states) == ["classify", "zebra", "caption"]
     ready = states["classify"]
-    assert (ready.model, ready.state, ready.runtime, ready.device) == ("efficientnet_lite0", "ready", "torch", "cpu")
+    assert (ready.model, ready.state, ready.runtime, ready.device) == ("efficientnet_lite0", "ready", "onnx", "cpu")
     assert ready.missing == () and ready.error == ""
 
     zebra = states["zebra"]

@@ -61,7 +61,7 @@ def test_bench_command_measures_service_and_baseline(tmp_path: Path, capsys: pyt
     bench.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--requests", "8", "--concurrency", "4", "--images", str(tmp_path), "--json"])
     # A queue shorter than the clients: the bench makes room (it measures draining, not refusing).
-    settings = Settings(device="cpu", torch_threads=1, max_batch_size=4, max_batch_wait_ms=10.0, classify_queue_size=2)
+    settings = Settings(device="cpu", cpu_cores=1, max_batch_size=4, max_batch_wait_ms=10.0, classify_queue_size=2)
 
     assert args.handler(args, settings) == 0
     report = json.loads(capsys.readouterr().out)
@@ -88,7 +88,7 @@ def test_text_report_names_every_figure() -> None:
         requests=64, errors=0, seconds=1.6, throughput=40.0, p50_ms=25.0, p95_ms=30.0, p99_ms=35.0, max_loop_lag_ms=90.0
     )
     report = bench.BenchReport(
-        task="classify", requests=64, concurrency=16, inputs=["a.jpg"], torch_threads=2, max_batch_size=8,
+        task="classify", requests=64, concurrency=16, inputs=["a.jpg"], cpu_cores=2, max_batch_size=8,
         max_batch_wait_ms=5.0, service=run, baseline=base, speedup=1.6, p99_limit_ms=500.0, batch_sizes={8: 8},
         targets={"max loop lag <= 50 ms": True, "throughput >= 1.1 x baseline": False},
     )

@@ -164,7 +164,7 @@ async def test_cancel_by_someone_else_is_refused_and_the_request_answered(servic
         assert refusal.ephemeral and "isn't your request" in refusal.response.content
         (answer,) = bot_messages(channel, env)
         assert top_label(answer.embeds[0]) == "golden retriever" and "in line" not in answer.content
-        assert buttons(answer) == ["Delete"]  # Cancel gone with the wait
+        assert buttons(answer) == ["Zebra-fy", "Delete"]  # Cancel gone with the wait; its chain (bot.chains)
         assert env.errors == []
 
 
@@ -194,7 +194,7 @@ async def test_a_waiting_request_that_fails_loses_its_cancel_button(service, bob
         photos = [("a.jpg", bobby_jpg), ("broken.jpg", b"not an image at all")]
         await alice.send(channel, "!classify", attachments=photos)
         answer, error = bot_messages(channel, env)  # both waited: placeholders, edited
-        assert buttons(answer) == ["Delete"]
+        assert buttons(answer) == ["Zebra-fy", "Delete"]
         assert error.content.startswith("⚠️") and "not an image" in error.content
         assert error.components == []  # nothing left to cancel, nothing to delete
         assert len(env.bot.waiting) == 0 and env.errors == []
@@ -214,8 +214,9 @@ async def test_every_answer_has_delete_for_the_requester_and_moderators_only(ser
         await alice.send(channel, "!zebra", attachments=[("SPOILER_horse.jpg", horse_jpg)])
         zebra = channel.last_message
         caption = (await alice.slash(channel, "caption", image=("horse.jpg", horse_jpg))).response.message
-        for answer in (classify, zebra, caption):
-            assert buttons(answer) == ["Delete"]
+        # Delete last, after the answer's chain buttons (`bot.chains`; a slash command's caption has none).
+        assert buttons(classify) == ["Zebra-fy", "Delete"] and buttons(caption) == ["Delete"]
+        assert buttons(zebra) == ["Caption this", "Classify this", "Delete"]
         assert zebra.attachments[0].is_spoiler()  # the button changes nothing else
 
         refused = await bob.click(classify, label="Delete")

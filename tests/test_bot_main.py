@@ -152,7 +152,7 @@ def test_python_m_bot_hands_one_service_to_the_bot_and_closes_it_last(monkeypatc
     def create_bot(settings, *, service=None, message_content=True) -> discord.Client:
         return Bot(service, message_content)
 
-    monkeypatch.setattr(bot_main, "InferenceService", Service)
+    monkeypatch.setattr(bot_main, "create_service", Service)
     monkeypatch.setattr(bot_main, "create_bot", create_bot)
     assert bot_main.main() == 0
     assert events == [

@@ -47,11 +47,22 @@ def test_classify_json_contract(tmp_path):
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["model"] == "efficientnet_lite0"
+    assert answer["runtime"] in ("onnx", "torch")  # INFERENCE_RUNTIME=auto: whichever its export measured faster
     predictions = answer["predictions"]
     assert len(predictions) == 3
     assert predictions[0]["label"] == "golden retriever"
     assert 85.0 < predictions[0]["probability"] <= 100.0
     assert [p["probability"] for p in predictions] == sorted((p["probability"] for p in predictions), reverse=True)
+
+
+def test_the_cli_runs_the_model_in_the_runtime_it_is_told(tmp_path):
+    for runtime in ("torch", "onnx"):
+        result = run_cli(
+            "classify", str(IMAGES / "bobby.jpg"), "--json", tmp_path=tmp_path, env_extra={"INFERENCE_RUNTIME": runtime}
+        )
+        assert result.returncode == 0, result.stderr
+        answer = json.loads(result.stdout)
+        assert answer["runtime"] == runtime and answer["predictions"][0]["label"] == "golden retriever"
 
 
 def test_classify_plain_output(tmp_path):
@@ -120,7 +131,8 @@ def test_caption_json_contract(tmp_path, generated_weights_dir):
     )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert set(answer) == {"caption"} and isinstance(answer["caption"], str)
+    assert set(answer) == {"caption", "runtime"} and isinstance(answer["caption"], str)
+    assert answer["runtime"] == "torch"  # files named by hand (--weights-dir) are read by the torch pipeline
     assert len(answer["caption"].split()) <= 16
 
 

@@ -75,7 +75,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("service", ("inference.service.*",)),
     # The Ray Serve application (`serve run inference.serve_app:app`): deployments over the workers' pipelines.
     ("serve app", ("inference.serve_app",)),
-    ("CLI and bench", ("inference.cli", "inference.__main__", "inference.bench")),
+    ("CLI and bench", ("inference.cli", "inference.__main__", "inference.bench", "inference.bench_modes", "inference.memory")),
     ("bot", ("bot.*",)),
 )
 

@@ -19,7 +19,7 @@ from inference.errors import ModelUnavailable, WorkerCrashed
 from inference.service import WATCHDOG_INTERVAL_S, InferenceService, Ticket
 from tests.conftest import IMAGES
 
-BASE = dict(device="cpu", torch_threads=1, request_timeout_s=60.0)
+BASE = dict(device="cpu", cpu_cores=1, request_timeout_s=60.0)
 
 
 def jpeg(image: Image.Image) -> bytes:

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SHARED_SETTINGS = dict(
     device="cpu",
-    torch_threads=1,  # the suite shares two cores with the test process and other runs
+    cpu_cores=1,  # the suite shares two cores with the test process and other runs
     max_batch_size=4,
     max_batch_wait_ms=20.0,
     classify_queue_size=16,
@@ -199,15 +199,12 @@ async def test_the_event_loop_stays_responsive_while_models_run(
             lateness.append(time.perf_counter() - before - 0.005)
 
     ticking = asyncio.ensure_future(ticker())
-    started = time.perf_counter()
     results = await settle([service.classify(phone_dog if i % 2 else small_dog) for i in range(16)])
-    elapsed = time.perf_counter() - started
     stop.set()
     await ticking
     for result in results:
         assert_dog(result)
-    assert elapsed > 0.2  # the models did run meanwhile
-    assert len(lateness) > 10
+    assert len(lateness) > 20  # the loop ticked all along while the models ran (≥ 0.1 s)
     assert max(lateness) < 0.05, f"the event loop stalled for {max(lateness) * 1000:.0f} ms"
 
 

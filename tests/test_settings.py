@@ -48,3 +48,11 @@ def test_the_bots_download_budget_and_shutdown_grace_are_settings() -> None:
     settings = Settings.from_env({"MAX_DOWNLOAD_BYTES_IN_FLIGHT": "5000000", "SHUTDOWN_GRACE_S": "2.5"}, env_file=None)
     assert (settings.max_download_bytes_in_flight, settings.shutdown_grace_s) == (5_000_000, 2.5)
     assert create_bot(settings).downloads.limit == 5_000_000
+
+
+def test_shard_ids_must_be_shards_of_the_count() -> None:
+    assert Settings(shard_count=4, shard_ids=frozenset({0, 3})).shard_ids == {0, 3}
+    with pytest.raises(SettingsError, match="SHARD_IDS=4 must be shards of SHARD_COUNT=4"):
+        Settings(shard_count=4, shard_ids=frozenset({4}))
+    with pytest.raises(SettingsError, match="SHARD_COUNT=0"):
+        Settings.from_env({"SHARD_IDS": "0"}, env_file=None)

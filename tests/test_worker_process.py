@@ -89,7 +89,7 @@ def worker_for() -> Iterator[Any]:
     running: list[RunningWorker] = []
 
     def start(**changes: Any) -> RunningWorker:
-        settings = Settings(device="cpu", torch_threads=1, **changes)
+        settings = Settings(device="cpu", cpu_cores=1, **changes)
         running.append(RunningWorker(WorkerConfig.from_settings("classify", settings)))
         return running[-1]
 

@@ -16,7 +16,8 @@ SETTINGS = Settings(
     classifier="resnet18",
     zebra_model="zebra2horse",
     device="cpu",
-    torch_threads=3,
+    cpu_cores=3,
+    inference_runtime="torch",
     max_image_bytes=1234,
     max_image_pixels=5678,
     max_image_aspect_ratio=7.5,
@@ -32,7 +33,7 @@ SETTINGS = Settings(
 
 def test_a_worker_config_holds_plain_values_and_no_token() -> None:
     config = WorkerConfig.from_settings("classify", SETTINGS)
-    assert (config.task, config.model, config.device, config.torch_threads) == ("classify", "resnet18", "cpu", 3)
+    assert (config.task, config.model, config.device, config.cpu_cores) == ("classify", "resnet18", "cpu", 3)
     assert (config.max_image_bytes, config.max_image_pixels) == (1234, 5678)
     assert (config.max_image_aspect_ratio, config.max_jpeg_scans) == (7.5, 9)
     assert (config.zebra_size, config.caption_size, config.caption_beam) == (128, 320, 4)
@@ -55,7 +56,7 @@ def test_the_loaders_settings_are_built_from_the_config_alone(task: str, field: 
     if field:
         assert getattr(settings, field) == model
     for name in (
-        "device", "torch_threads", "max_image_bytes", "max_image_pixels", "max_image_aspect_ratio", "max_jpeg_scans",
+        "device", "cpu_cores", "inference_runtime", "max_image_bytes", "max_image_pixels", "max_image_aspect_ratio", "max_jpeg_scans",
         "weights_dir", "auto_download", "trust_hub_repos", "zebra_size", "caption_size", "caption_beam",
     ):
         assert getattr(settings, name) == getattr(SETTINGS, name), name

@@ -5,9 +5,10 @@ Every entry point ends in `VisionCog.answer(ctx, task, sources)`: ask the infere
 slots for the message's images first (`reserve`: a user at their cap or a full queue costs no
 download), then download each granted image within the bot-wide byte budget and submit it (so
 one message's images can share a batch), then answer each image in order.  When a request has
-to wait behind others, each image first gets a reply with its place in line and a Cancel
-button (`bot.buttons`), which is edited into the result when it is done.  Every answer carries
-a Delete button.
+to wait behind others, each image first gets a reply with its place in line, its estimated
+wait and a Cancel button, kept up to date while it waits (`bot.waiting`) and edited into the
+result when it is done.  Every answer carries a Delete button, and chain buttons that run
+another task on the same picture (`bot.chains`).
 
 Each image is answered on its own: a placeholder deleted by a moderator, a missing permission
 or a command message that is gone costs that one answer at most, never the others.  Anything
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,12 +29,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import formatting
-from bot.buttons import Waiting, answer_view, cancel_view
+from bot.buttons import answer_view, cancel_view
+from bot.chains import ImageRef, chain_buttons
 from bot.context import VisionContext
-from bot.errors import RESTARTING_MESSAGE, NoImageFound, report_error
+from bot.errors import NoImageFound, report_error
 from bot.sources import ImageSource, find_sources, needs_fetch
 from bot.urls import ImageFetchError
-from inference.errors import InferenceError, ServiceClosed
+from bot.waiting import Waiting, result_or_restart
+from inference.errors import InferenceError
 from inference.service import Ticket
 from inference.tasks import TASK_SPECS, TaskSpec
 
@@ -77,34 +81,38 @@ def answer_permissions(task: str) -> Callable[[T], T]:
 
 class HeavyCommandCooldown:
     """A cooldown per user and command, shared by the prefix, slash and context-menu forms of
-    the command (discord.py's own cooldowns would give each form a bucket of its own)."""
+    the command (discord.py's own cooldowns would give each form a bucket of its own).  Its
+    length is the server's (`/config cooldown`): one mapping per length, so that a change
+    applies from the next command."""
 
-    def __init__(self, seconds: float) -> None:
-        self._mapping: commands.CooldownMapping[tuple[int, str]] | None = (
-            commands.CooldownMapping.from_cooldown(1, seconds, lambda key: key) if seconds > 0 else None
-        )
+    def __init__(self) -> None:
+        self._mappings: dict[float, commands.CooldownMapping[tuple[int, str]]] = {}
 
-    def hit(self, user: discord.abc.User, task: str) -> None:
+    def _bucket(self, user: discord.abc.User, task: str, seconds: float) -> commands.Cooldown | None:
+        if seconds <= 0:
+            return None
+        if seconds not in self._mappings:
+            self._mappings[seconds] = commands.CooldownMapping.from_cooldown(1, seconds, lambda key: key)
+        return self._mappings[seconds].get_bucket((user.id, task))
+
+    def hit(self, user: discord.abc.User, task: str, seconds: float) -> None:
         """Count a use; raises `CommandOnCooldown` while the user is still cooling down."""
-        if self._mapping is None:
-            return
-        bucket = self._mapping.get_bucket((user.id, task))
-        assert bucket is not None
-        retry_after = bucket.update_rate_limit()
-        if retry_after:
+        bucket = self._bucket(user, task, seconds)
+        retry_after = bucket.update_rate_limit() if bucket is not None else None
+        if bucket is not None and retry_after:
             raise commands.CommandOnCooldown(bucket, retry_after, commands.BucketType.user)
 
-    def forgive(self, user: discord.abc.User, task: str) -> None:
+    def forgive(self, user: discord.abc.User, task: str, seconds: float) -> None:
         """Undo the last use: nothing ran (everything was refused), so nothing to cool down from."""
-        if self._mapping is not None:
-            bucket = self._mapping.get_bucket((user.id, task))
-            if bucket is not None:
-                bucket.reset()
+        if (bucket := self._bucket(user, task, seconds)) is not None:
+            bucket.reset()
 
 
 @dataclass
 class _Job:
     source: ImageSource
+    #: Where the image is found again (a chain button's Zebra-fy); None: in no message.
+    origin: ImageRef | None = None
     ticket: Ticket | None = None
     error: Exception | None = None
     #: Requests ahead of this one when it was submitted.
@@ -176,7 +184,7 @@ class VisionCog(commands.Cog, name="Vision"):
 
     def __init__(self, bot: VisionBot) -> None:
         self.bot = bot
-        self.heavy_cooldown = HeavyCommandCooldown(bot.settings.heavy_command_cooldown_s)
+        self.heavy_cooldown = HeavyCommandCooldown()
         # Context menus cannot be declared in a cog with a decorator; they are built here, one
         # per task, and added to the tree when the cog loads.
         self.menus = [self._menu(spec) for spec in TASK_SPECS.values()]
@@ -208,27 +216,35 @@ class VisionCog(commands.Cog, name="Vision"):
         if not sources:
             raise NoImageFound("That message has no image I can use (no attachment, image embed or link).")
         ctx = await self.bot.get_context(interaction)
-        await self.answer(ctx, task, sources)
+        await self.answer(ctx, task, sources, origin=ImageRef.of(message))
 
     # --- the work ---------------------------------------------------------------------------------
-    async def answer(self, ctx: VisionContext, task: str, sources: list[ImageSource]) -> None:
+    async def answer(
+        self, ctx: VisionContext, task: str, sources: list[ImageSource], *, origin: ImageRef | None = None
+    ) -> None:
+        """Answer each of `sources`; `origin`: where the first of them is found again (by
+        default a prefix command's own message; a slash command's images are in none)."""
         if not sources:
             raise NoImageFound(usage(task, self.bot.settings.command_prefix, prefix_commands=ctx.prefix_commands))
-        limit = self.bot.settings.max_images_per_message
+        server = self.bot.server_settings(ctx.guild)  # its `/config` over the bot's settings
+        limit, cooldown_s = server.max_images_per_message, server.heavy_command_cooldown_s
         sources, skipped = sources[:limit], sources[limit:]
         user = ctx.invoker
         heavy = TASK_SPECS[task].heavy
         if heavy:
-            self.heavy_cooldown.hit(user, task)
+            self.heavy_cooldown.hit(user, task, cooldown_s)
 
-        async with self.bot.request(), ctx.typing():
+        async with self.bot.request(), AsyncExitStack() as typing:
+            await typing.enter_async_context(ctx.typing())
             # `on_vision_request(ctx, task)`: a request is in flight (for listeners and tests).
             self.bot.dispatch("vision_request", ctx, task)
-            jobs = [_Job(source) for source in sources]
+            if origin is None and ctx.interaction is None:
+                origin = ImageRef.of(ctx.message)
+            jobs = [_Job(source, origin.nth(i) if origin else None) for i, source in enumerate(sources)]
             try:
-                await self._submit(task, jobs, user)
+                await self._submit(task, jobs, user, ctx.request_options(task))
                 if not any(job.ticket is not None for job in jobs) and heavy:
-                    self.heavy_cooldown.forgive(user, task)  # nothing ran: no reason to wait
+                    self.heavy_cooldown.forgive(user, task, cooldown_s)  # nothing ran: no reason to wait
                 if skipped:
                     names = [formatting.source_text(s.label, spoiler=s.spoiler, link=s.url is not None) for s in skipped]
                     await self._say(ctx, f"⚠️ {formatting.skipped_message(names, limit)}")
@@ -238,9 +254,13 @@ class VisionCog(commands.Cog, name="Vision"):
                     for job in jobs:
                         if job.ticket is not None:
                             view = cancel_view(user.id)
-                            job.placeholder = await self._say(ctx, formatting.queue_message(job.ahead), view=view)
-                            if job.placeholder is not None:
-                                job.waiting = self.bot.waiting.add(job.placeholder.id, job.ticket)
+                            text = formatting.queue_message(job.ahead, job.ticket.estimated_wait())
+                            job.placeholder = await self._say(ctx, text, view=view)
+                            if job.placeholder is not None:  # kept up to date while it waits
+                                job.waiting = self.bot.waiting.add(job.placeholder, job.ticket, text)
+                    # The replies say what is going on: no typing indicator on top (one call
+                    # every 5 s for as long as the line takes).
+                    await typing.aclose()
                 for job in jobs:
                     try:
                         await self._answer_job(ctx, task, job)
@@ -264,7 +284,7 @@ class VisionCog(commands.Cog, name="Vision"):
             log.warning("could not send a line in channel %s: %s", getattr(ctx.channel, "id", None), error)
             return None
 
-    async def _submit(self, task: str, jobs: list[_Job], user: discord.abc.User) -> None:
+    async def _submit(self, task: str, jobs: list[_Job], user: discord.abc.User, options: dict[str, Any]) -> None:
         """Ask for slots first, then download and submit only the images that got one."""
         try:
             reservation = self.bot.service.reserve(task, len(jobs), user=user.id)
@@ -280,8 +300,9 @@ class VisionCog(commands.Cog, name="Vision"):
                 try:
                     async with self.bot.downloads.hold(job.source.download_size(self.bot.fetcher)):
                         data = await job.source.read(self.bot.fetcher)
-                    # No options: the service completes them from `inference.tasks` (top 5…).
-                    job.ticket = reservation.submit(data)
+                    # Only the model, when not the configured one: the service completes the
+                    # options from `inference.tasks` (top 5…).
+                    job.ticket = reservation.submit(data, **options)
                 except (ImageFetchError, InferenceError) as error:
                     job.error = error
                     continue
@@ -294,14 +315,18 @@ class VisionCog(commands.Cog, name="Vision"):
             return
         assert job.ticket is not None
         try:
-            result = await self._result(job.ticket)
+            result = await result_or_restart(self.bot, job.ticket)
         except InferenceError as error:
+            if job.waiting is not None:
+                await self.bot.waiting.finish(job.waiting)  # no update of its place after this
             if job.cancelled:
                 return  # the Cancel press has edited the placeholder already
             await report_error(ctx, error, placeholder=job.placeholder, spoiler=spoiler)
             return
+        if job.waiting is not None:
+            await self.bot.waiting.finish(job.waiting)  # no update of its place after this
         answer = await self._render(ctx, task, job.source, result)
-        buttons = answer_view(ctx.invoker.id)
+        buttons = answer_view(ctx.invoker.id, chain_buttons(task, job.origin))
         if job.placeholder is not None:
             # A message of the channel can also be told not to preview links; a followup of an
             # interaction cannot (its links are inside `<>`, which Discord does not preview).
@@ -328,27 +353,10 @@ class VisionCog(commands.Cog, name="Vision"):
             view=buttons,
         )
 
-    async def _result(self, ticket: Ticket) -> Any:
-        """The ticket's result; `ServiceClosed` when the bot runs out of its shutdown grace first."""
-        stop = self.bot.out_of_time
-        if stop.is_set():
-            raise ServiceClosed(RESTARTING_MESSAGE)
-        result = asyncio.ensure_future(_awaited(ticket))
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((result, stopped), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not result.done():
-                result.cancel()  # cancels the request too
-        if not result.done() or result.cancelled():
-            raise ServiceClosed(RESTARTING_MESSAGE)
-        return result.result()
-
     async def _render(self, ctx: VisionContext, task: str, source: ImageSource, result: Any) -> _Answer:
         label, spoiler, link = source.label, source.spoiler, source.url is not None
         if task == "classify":
-            model = self._model_name("classify")
+            model = ctx.model_for("classify")
             embed = formatting.classification_embed(result, source=label, model=model, spoiler=spoiler)
             return _Answer(embed=embed)
         if task == "caption":
@@ -359,17 +367,10 @@ class VisionCog(commands.Cog, name="Vision"):
             # Re-encoding a large image is CPU work: not on the event loop.
             encoded = await asyncio.to_thread(formatting.fit_upload, result, limit)
             content = formatting.zebra_message(label, spoiler=spoiler, link=link)
+            if ctx.requested_model is not None:  # `/style NAME`
+                content = f"🎨 {formatting.source_text(label, spoiler=spoiler, link=link)}, as `{ctx.requested_model}`"
             return _Answer(content=content, upload=encoded, spoiler=spoiler, suppress_embeds=spoiler)
         raise ValueError(f"unknown task {task!r}")
-
-    def _model_name(self, task: str) -> str:
-        # The configured model, from the task registry: `service.models()` would look at the
-        # weights directory (the disk) for every answer.
-        return TASK_SPECS[task].default_model(self.bot.settings) or task
-
-
-async def _awaited(ticket: Ticket) -> Any:
-    return await ticket
 
 
 async def setup(bot: VisionBot) -> None:

@@ -39,6 +39,11 @@ class Ticket(Protocol):
         """How many requests are ahead of this one in line; 0 once it is taken up or done."""
         ...
 
+    def estimated_wait(self) -> float | None:
+        """Seconds until its result, likely: the task's measured speed × the requests ahead
+        and itself; None while the task has measured nothing yet, 0 once done."""
+        ...
+
     def done(self) -> bool: ...
 
     def cancel(self) -> None:

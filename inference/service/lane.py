@@ -4,7 +4,9 @@ Requests wait in a `DynamicBatcher` (turns between users, the batch window) and 
 batches.  Each worker gets at most `MAX_BATCHES_IN_FLIGHT` batches: one on the model and the next
 one already in the worker, so the model never waits for the pipe.  The worker says when it takes
 a batch up (`Started`); until then its requests still count as waiting (their position, `Busy`),
-and a cancellation still spares the model.  The worker process itself is the supervisor's.
+and a cancellation still spares the model.  A batch leaves the line only with its grant of the
+service's core budget (`cores`), which it holds until the worker is done with it.  The worker
+process itself is the supervisor's.
 """
 
 from __future__ import annotations
@@ -12,47 +14,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from config import Settings
 from inference.batching import BatchPolicy, DynamicBatcher
-from inference.errors import InferenceError, RequestTimeout
+from inference.errors import InferenceError
+from inference.service.cores import CoreBudget, Grant
+from inference.service.lanes import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, Lane, Request
 from inference.service.supervisor import STALL_GRACE_S, WorkerSupervisor, background_task, worker_clock
-from inference.service.types import LATENCY_WINDOW, ModelState, MissingWeights, TaskStats, percentile
+from inference.service.types import ModelState, MissingWeights, TaskStats
 from inference.tasks import TaskSpec
-from inference.worker import Batch, Cancel, Results, Started, Unsendable, WorkerHandle, WorkItem
+from inference.worker import Batch, Cancel, Results, Started, Unsendable, WorkerHandle, WorkItem, worker_threads
 
 #: Batches handed to one worker at a time: one on the model, one being decoded beside it.
 MAX_BATCHES_IN_FLIGHT = 2
 
-#: The bounds of the `Busy.retry_after` hint, seconds.
-MIN_RETRY_AFTER_S = 1.0
-MAX_RETRY_AFTER_S = 60.0
+# The retry bounds and `Request` live in `lanes` (both backends' lanes use them); they are
+# named here too, where the local lane's readers and tests look for them.
+__all__ = ["MAX_BATCHES_IN_FLIGHT", "MAX_RETRY_AFTER_S", "MIN_RETRY_AFTER_S", "InFlight", "Request", "TaskLane"]
 
 _MB = 1024 * 1024
-
-
-@dataclass(eq=False)
-class Request:
-    id: int
-    task: str
-    image: bytes
-    options: dict[str, Any]
-    user: Hashable | None
-    future: asyncio.Future[Any]
-    enqueued_at: float
-    timeout_s: float
-    timer: asyncio.TimerHandle | None = None
-    #: "waiting" (here, cancellable for free) → "sent" (in the worker, not taken up yet) →
-    #: "running" (the worker took it up) → "done".
-    phase: str = "waiting"
-
-    @property
-    def deadline(self) -> float:
-        return self.enqueued_at + self.timeout_s
 
 
 @dataclass(eq=False)
@@ -65,16 +49,21 @@ class InFlight:
     #: The latest deadline among its requests: past it (and a grace), the batch is hung.
     deadline: float
     started_at: float | None = None
+    #: Its threads out of the service's core budget, held until the worker is done with it.
+    grant: Grant | None = None
 
 
-class TaskLane:
-    """One task's waiting line, its dispatcher and its counters; its worker's supervisor."""
+class TaskLane(Lane):
+    """One task's waiting line, its dispatcher and its counters; its worker's supervisor.
+    The counting it shares with Ray's lane is `lanes.Lane`'s."""
 
-    def __init__(self, settings: Settings, spec: TaskSpec, loop: asyncio.AbstractEventLoop) -> None:
-        self.spec = spec
-        self.task = spec.name
-        self.settings = settings
-        self.loop = loop
+    def __init__(
+        self, settings: Settings, spec: TaskSpec, loop: asyncio.AbstractEventLoop, cores: CoreBudget | None = None
+    ) -> None:
+        super().__init__(settings, spec, loop)
+        #: Shared by the service's lanes; a lane on its own has the whole budget to itself.
+        self.cores = cores if cores is not None else CoreBudget(worker_threads(settings.cpu_cores), [self.task])
+        self.cores.register(self.task, self.has_work)
         # Until a worker says otherwise, assume the CPU: the policy that batches least.
         device_type = settings.device.split(":")[0] if settings.device != "auto" else "cpu"
         self.batcher: DynamicBatcher[Request] = DynamicBatcher(
@@ -83,18 +72,11 @@ class TaskLane:
             turn_key=_request_user if settings.queue_turns else None,
         )
         self.in_flight: dict[int, InFlight] = {}
-        #: Counted into as requests go; `stats()` hands out copies.
-        self.counts = TaskStats(self.task)
+        #: Model batch size → how many batches of that size ran.
         self.batch_sizes: Counter[int] = Counter()
-        #: Submit → result of the last answered requests, seconds.
-        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        #: Slots reserved for requests not submitted yet.
-        self.reserved = 0
         self.supervisor = WorkerSupervisor(settings, spec, loop, self)
         self._batch_ids = itertools.count(1)
         self._slot_freed = asyncio.Event()
-        #: Seconds of worker time per request, smoothed; guides the `Busy` retry hint.
-        self.seconds_per_request: float | None = None
         self._last_batch_done = 0.0
         self._dispatcher: asyncio.Task[None] | None = None
 
@@ -104,21 +86,22 @@ class TaskLane:
 
     # -- the waiting line ---------------------------------------------------------------------
 
-    def queue_limit(self) -> int:
-        return self.spec.queue_limit(self.settings)
-
-    def queued(self) -> int:
-        """What counts toward the queue limit: requests in line and slots reserved."""
-        return self.waiting() + self.reserved
-
     def waiting(self) -> int:
         """Requests in line: here, or in the worker but not taken up yet."""
         return len(self.batcher) + self._count("sent")
 
+    def running(self) -> int:
+        return self._count("running")
+
+    def has_work(self) -> bool:
+        """Requests waiting or running: the task counts in the split of the core budget."""
+        return bool(len(self.batcher) or self.in_flight)
+
     def enqueue(self, request: Request) -> None:
         self.batcher.put(request)
         if self._dispatcher is None:
-            self._dispatcher = background_task(self.loop, self._dispatch_forever(), f"inference-{self.task}-dispatch")
+            name = f"inference-{self.task}-dispatch"
+            self._dispatcher = background_task(self.loop, self._dispatch_while_waiting(), name)
 
     def position(self, request: Request) -> int:
         if request.phase == "sent":  # behind the other not-started requests sent before it
@@ -134,14 +117,6 @@ class TaskLane:
             return self._count("sent") + (0 if position is None else position)
         return 0
 
-    def expire(self, request: Request) -> None:
-        if not request.future.done():
-            self.counts.timed_out += 1
-            seconds = f"{request.timeout_s:g}"
-            request.future.set_exception(
-                RequestTimeout(f"No result within {seconds} seconds: the {self.task} model is too busy; try again later.")
-            )
-
     def forget(self, request: Request) -> None:
         """The request's future is done: take it out of the line, or tell the worker to skip it."""
         if request.future.cancelled():
@@ -154,45 +129,57 @@ class TaskLane:
                 self.supervisor.worker.send(Cancel([request.id]))
         request.phase = "done"
 
-    def retry_after(self) -> float:
-        """Seconds until this task likely has room: its measured speed × the requests ahead."""
-        per_request = self.seconds_per_request or 1.0
-        backlog = self.waiting() + self._count("running") + 1
-        return round(min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, per_request * backlog)), 1)
-
     def _count(self, phase: str) -> int:
         return sum(r.phase == phase for flight in self.in_flight.values() for r in flight.requests.values())
 
     # -- dispatching ----------------------------------------------------------------------------
 
-    async def _dispatch_forever(self) -> None:
-        while True:
-            await self.batcher.wait_for_items()
+    async def _dispatch_while_waiting(self) -> None:
+        """The dispatcher exists only while requests wait: it ends when the line is empty, and
+        the next `enqueue` starts another (an idle service holds no task of its own)."""
+        try:
+            await self._dispatch_batches()
+        finally:
+            self._dispatcher = None  # no await since the line was seen empty: none is missed
+
+    async def _dispatch_batches(self) -> None:
+        while len(self.batcher):
             try:
                 worker = await self.supervisor.ensure_worker()
-            except InferenceError as error:  # logged; the waiting requests fail: wait for new ones
+            except InferenceError as error:  # logged; the waiting requests fail (and the line ends)
                 self.fail_waiting(error)
                 continue
             while len(self.in_flight) >= MAX_BATCHES_IN_FLIGHT:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
-            batch = await self.batcher.next_batch()
-            if not batch:
+            # Cores first, then the batch: requests keep their place (and their free
+            # cancellation) in the line while the cores are busy, and the batch grows meanwhile.
+            grant = await self.cores.acquire(self.task)
+            try:
+                batch = await self.batcher.next_batch() if len(self.batcher) else []
+            except BaseException:
+                self.cores.release(grant)
+                raise
+            for request in batch:  # done, its bookkeeping callback not run yet (a dropped ticket)
+                if request.future.done():
+                    request.phase = "done"
+            batch = [request for request in batch if request.phase != "done"]
+            if not batch or worker is not self.supervisor.worker:
+                self.cores.release(grant)
+                if batch:  # it crashed while the batch formed: start another
+                    self.batcher.put_back(batch)
                 continue
-            if worker is not self.supervisor.worker:  # it crashed while the batch formed: start another
-                self.batcher.put_back(batch)
-                continue
-            self._dispatch(worker, batch)
+            self._dispatch(worker, batch, grant)
 
-    def _dispatch(self, worker: WorkerHandle, batch: list[Request]) -> None:
+    def _dispatch(self, worker: WorkerHandle, batch: list[Request], grant: Grant) -> None:
         batch_id = next(self._batch_ids)
         for request in batch:
             request.phase = "sent"
         # Requests' deadlines are on the loop's clock; the batch's, on the worker's.
         sent_at = worker_clock()
         deadline = sent_at + max(request.deadline for request in batch) - self.loop.time()
-        self.in_flight[batch_id] = InFlight({r.id: r for r in batch}, sent_at, len(batch), deadline)
-        worker.send(Batch(batch_id, [WorkItem(r.id, r.image, r.options) for r in batch]))
+        self.in_flight[batch_id] = InFlight({r.id: r for r in batch}, sent_at, len(batch), deadline, grant=grant)
+        worker.send(Batch(batch_id, [WorkItem(r.id, r.image, r.options) for r in batch], grant.threads))
         for request in batch:
             request.image = b""  # the message holds the bytes until the writer thread sent them
         self.counts.dispatched += len(batch)
@@ -214,14 +201,13 @@ class TaskLane:
             if flight is not None:
                 error = InferenceError(f"That request could not be sent to the {self.task} model ({message.reason}).")
                 self._fail_requests(flight.requests.values(), error)
-                self._slot_freed.set()
+                self._finished(flight)
 
     def on_worker_lost(self, error: InferenceError, fail_waiting: bool) -> None:
         if fail_waiting:
             self.fail_waiting(error)
         self._fail_requests(self.running_requests(), error)
-        self.in_flight.clear()
-        self._slot_freed.set()
+        self._clear_in_flight()
 
     def on_device(self, device_type: str) -> None:
         self.batcher.policy = self._batch_policy(device_type)
@@ -237,7 +223,6 @@ class TaskLane:
         flight = self.in_flight.get(message.batch_id)
         if flight is None:
             return
-        now = self.loop.time()
         for outcome in message.outcomes:
             request = flight.requests.pop(outcome.request_id, None)
             if request is None or request.future.done():
@@ -246,9 +231,7 @@ class TaskLane:
             if outcome.error is not None:
                 self.fail(request, outcome.error)
             else:
-                self.counts.done += 1
-                self.latencies.append(now - request.enqueued_at)
-                request.future.set_result(outcome.value)
+                self.answer(request, outcome.value)
         if message.model_batch:
             self.batch_sizes[message.model_batch] += 1
             self.counts.ran += message.model_batch
@@ -259,24 +242,28 @@ class TaskLane:
             # The worker owes no more answers.
             self._fail_requests(flight.requests.values(), InferenceError(f"The {self.task} model returned no result."))
             self.learn_speed(flight.sent_at, flight.size, worker_clock())
-            self._slot_freed.set()
+            self._finished(flight)
+
+    def _finished(self, flight: InFlight) -> None:
+        """The worker is done with a batch: its slot and its cores are free."""
+        if flight.grant is not None:
+            self.cores.release(flight.grant)
+        self._slot_freed.set()
+
+    def _clear_in_flight(self) -> None:
+        flights = list(self.in_flight.values())
+        self.in_flight.clear()
+        for flight in flights:
+            self._finished(flight)
 
     def learn_speed(self, sent_at: float, size: int, now: float) -> None:
         """A batch of `size` sent at `sent_at` finished `now`: the time the worker spent on it
         (from when it was free for it) per request, smoothed."""
         busy_since = max(sent_at, self._last_batch_done)
         self._last_batch_done = now
-        sample = (now - busy_since) / max(1, size)
-        previous = self.seconds_per_request
-        self.seconds_per_request = sample if previous is None else 0.8 * previous + 0.2 * sample
+        self._add_speed_sample((now - busy_since) / max(1, size))
 
     # -- failing and stopping -------------------------------------------------------------------
-
-    def fail(self, request: Request, error: InferenceError) -> None:
-        """Answer a request with an error (unless it has its answer already), and count it."""
-        if not request.future.done():
-            self.counts.failed += 1
-            request.future.set_exception(error)
 
     def _fail_requests(self, requests: Iterable[Request], error: InferenceError) -> None:
         for request in list(requests):
@@ -293,17 +280,13 @@ class TaskLane:
     def running_requests(self) -> list[Request]:
         return [request for flight in self.in_flight.values() for request in flight.requests.values()]
 
-    def fail_running(self, error: InferenceError) -> None:
-        for request in self.running_requests():
-            self.fail(request, error)
-
     def stop_dispatching(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.cancel()
 
     async def stop_worker(self) -> None:
         await self.supervisor.stop()
-        self.in_flight.clear()
+        self._clear_in_flight()
 
     # -- observation ----------------------------------------------------------------------------
 
@@ -312,18 +295,14 @@ class TaskLane:
 
     def stats(self) -> TaskStats:
         supervisor = self.supervisor
-        recent = list(self.latencies)
         return dataclasses.replace(
-            self.counts,
-            waiting=self.waiting(),
-            running=self._count("running"),
-            reserved=self.reserved,
-            p50_ms=percentile(recent, 0.50) * 1000 if recent else 0.0,
-            p95_ms=percentile(recent, 0.95) * 1000 if recent else 0.0,
+            super().stats(),
             batch_sizes=dict(sorted(self.batch_sizes.items())),
             worker_starts=supervisor.starts,
             worker_crashes=supervisor.crashes,
             worker_pid=supervisor.worker.pid if supervisor.worker is not None else None,
+            threads=self.cores.held(self.task),
+            worker_startup_s=supervisor.startup_s,
             worker_memory_mb=None if supervisor.memory_bytes is None else supervisor.memory_bytes / _MB,
             worker_peak_memory_mb=supervisor.peak_memory_bytes / _MB if supervisor.peak_memory_bytes else None,
         )

@@ -44,7 +44,9 @@ def background_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, N
     that caller's context variables (a request's tracing ids, a test world's clock and bookkeeping
     — simcord would wait for it to finish, and it never does).
     """
-    return loop.create_task(coro, name=name, context=contextvars.Context())
+    # Created *inside* an empty context too: a task factory that looks at the creating context
+    # (simcord's) then sees none of the caller's, not just the task's own.
+    return contextvars.Context().run(loop.create_task, coro, name=name, context=contextvars.Context())
 
 _MB = 1024 * 1024
 
@@ -91,6 +93,9 @@ class WorkerSupervisor:
         self.peak_memory_bytes = 0
         self.starts = 0
         self.crashes = 0
+        #: Seconds from the current worker's process start to its model ready; None until ready.
+        self.startup_s: float | None = None
+        self._started_at = 0.0
         self._loading_since = 0.0
         self._kill: Kill | None = None
         self._lock = asyncio.Lock()
@@ -112,6 +117,7 @@ class WorkerSupervisor:
                 worker = WorkerHandle(config, self.loop, self._on_message, self._on_exit)
                 self.worker = worker
                 self.starts += 1
+                self._started_at, self.startup_s = worker_clock(), None
                 # Starting counts as loading: a worker stuck importing is judged like one stuck loading.
                 self._enter_loading()
                 try:
@@ -200,8 +206,12 @@ class WorkerSupervisor:
             self._set(error=message.error)
         else:
             self._set(state=message.state, error=message.error)
+        if message.state == "ready" and self.startup_s is None:
+            self.startup_s = worker_clock() - self._started_at
         if message.model:
             self._set(model=message.model)
+        if message.runtime:
+            self._set(runtime=message.runtime)
         if message.device:
             self._set(device=message.device)
             self.listener.on_device(message.device)

@@ -1,4 +1,7 @@
-"""The local backend's `Ticket` and `Reservation` (`inference.service.api`'s Protocols).
+"""The `Ticket` and `Reservation` of both backends (`inference.service.api`'s Protocols).
+
+They stand for a request in a task's lane (`lanes.Request`, `lanes.Lane`) and for slots held in
+one: what they say and do is the same whatever the lane's backend.
 
 Both may be dropped by a caller that went away: a ticket dropped unawaited cancels its request,
 a reservation dropped unreleased gives its slots back.  Their finalizers run wherever the
@@ -15,13 +18,16 @@ from types import TracebackType
 from typing import Any
 
 from inference.errors import Busy
-from inference.service.lane import Request, TaskLane
+from inference.service.lanes import Lane, Request
 
 
-class LocalTicket:
-    """One submitted request: await it for the result; ask its position; cancel it."""
+class LaneTicket:
+    """One submitted request: await it for the result; ask its position; cancel it.
 
-    def __init__(self, request: Request, lane: TaskLane | None, loop: asyncio.AbstractEventLoop) -> None:
+    `lane` None: the request was answered at once (refused before it joined a line).
+    """
+
+    def __init__(self, request: Request, lane: Lane | None, loop: asyncio.AbstractEventLoop) -> None:
         self._request = request
         self._lane = lane
         finalizer = weakref.finalize(self, _cancel_abandoned, loop, request.future)
@@ -32,16 +38,27 @@ class LocalTicket:
         return self._request.task
 
     def position(self) -> int:
-        """How many requests are ahead of this one in line (0: taken up by the worker, or next)."""
+        """How many requests are ahead of this one in line (0: taken up by a model, or next).
+        With Ray, this process's requests only: other bot processes sharing the cluster are not seen."""
         if self._lane is None:
             return 0
         return self._lane.position(self._request)
+
+    def estimated_wait(self) -> float | None:
+        """The lane's smoothed seconds per request (measured from this process) × (ahead + 1)."""
+        if self.done() or self._lane is None:
+            return 0.0
+        per_request = self._lane.seconds_per_request
+        if per_request is None:
+            return None
+        return per_request * (self.position() + 1)
 
     def done(self) -> bool:
         return self._request.future.done()
 
     def cancel(self) -> None:
-        """Drop the request; if it has not started, it never costs model time."""
+        """Drop the request; if it has not started, it never costs model time (with Ray, the
+        Serve request is cancelled)."""
         self._request.future.cancel()
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -75,12 +92,12 @@ class Slots:
 
 
 #: Queues a request in a reserved slot: (lane, user, image, timeout, options) → its ticket.
-SubmitReserved = Callable[[TaskLane, "Hashable | None", bytes, "float | None", dict[str, Any]], LocalTicket]
+SubmitReserved = Callable[[Lane, "Hashable | None", bytes, "float | None", dict[str, Any]], LaneTicket]
 #: Gives back a reservation's unused slots: (lane, user, slots).
-ReleaseSlots = Callable[[TaskLane, "Hashable | None", Slots], None]
+ReleaseSlots = Callable[[Lane, "Hashable | None", Slots], None]
 
 
-class LocalReservation:
+class LaneReservation:
     """Slots in one task's queue, held for one user: ask before downloading, then submit.
 
     `granted` slots count toward the task's queue limit and the user's cap until each is used
@@ -89,7 +106,7 @@ class LocalReservation:
 
     def __init__(
         self,
-        lane: TaskLane,
+        lane: Lane,
         user: Hashable | None,
         granted: int,
         submit_reserved: SubmitReserved,
@@ -112,8 +129,8 @@ class LocalReservation:
     def remaining(self) -> int:
         return self._slots.left
 
-    def submit(self, image: bytes, *, timeout: float | None = None, **options: Any) -> LocalTicket:
-        """Use one slot: queue the request and return its ticket (see `InferenceService.submit`)."""
+    def submit(self, image: bytes, *, timeout: float | None = None, **options: Any) -> LaneTicket:
+        """Use one slot: queue the request and return its ticket (see `LaneBackend.submit`)."""
         if self._slots.left <= 0:
             raise RuntimeError(f"this reservation's {self.granted} slot(s) are used or released")
         ticket = self._submit_reserved(self._lane, self._user, image, timeout, options)
@@ -124,7 +141,7 @@ class LocalReservation:
         """Give back the slots not used.  Idempotent."""
         self._release_slots(self._lane, self._user, self._slots)
 
-    def __enter__(self) -> LocalReservation:
+    def __enter__(self) -> LaneReservation:
         return self
 
     def __exit__(
@@ -132,7 +149,7 @@ class LocalReservation:
     ) -> None:
         self.release()
 
-    async def __aenter__(self) -> LocalReservation:
+    async def __aenter__(self) -> LaneReservation:
         return self
 
     async def __aexit__(
@@ -142,7 +159,7 @@ class LocalReservation:
 
 
 def _release_abandoned(
-    loop: asyncio.AbstractEventLoop, release_slots: ReleaseSlots, lane: TaskLane, user: Hashable | None, slots: Slots
+    loop: asyncio.AbstractEventLoop, release_slots: ReleaseSlots, lane: Lane, user: Hashable | None, slots: Slots
 ) -> None:
     if slots.left:
         try:

@@ -37,8 +37,8 @@ class ModelState:
     model: str
     #: "idle" (not loaded) | "loading" | "ready" | "unavailable"
     state: str
-    #: What runs it: "torch" today; "onnxruntime" with issue 9.
-    runtime: str = "torch"
+    #: What runs it: "onnx" (ONNX Runtime) or "torch"; "" until the backend reports it.
+    runtime: str = ""
     #: The device type it runs on ("cpu", "cuda"); "" until known.
     device: str = ""
     #: The weights files it lacks, with the command that gets them; () when complete.
@@ -95,6 +95,10 @@ class TaskStats:
     worker_starts: int = 0
     worker_crashes: int = 0
     worker_pid: int | None = None
+    #: Threads its batches hold now out of the service's core budget (`cpu_cores`).
+    threads: int = 0
+    #: Seconds the worker took from its process start to its model ready (None: not ready yet).
+    worker_startup_s: float | None = None
     #: The worker's resident memory when last looked at, and the most seen, in MB.
     worker_memory_mb: float | None = None
     worker_peak_memory_mb: float | None = None
@@ -103,6 +107,8 @@ class TaskStats:
 @dataclass(frozen=True)
 class ServiceStats:
     tasks: dict[str, TaskStats]
+    #: The cores the workers share (the local backend's budget); 0 where there is none.
+    cpu_cores: int = 0
 
     def __getitem__(self, task: str) -> TaskStats:
         return self.tasks[task]

@@ -15,16 +15,19 @@ How decoding meets the model depends on the device; measured with inference/benc
 The worker also keeps freed memory for reuse (`keep_freed_memory`): without it, glibc maps and
 unmaps a batch's activations on every forward pass, and batching *lost* throughput on the CPU.
 
-A model that cannot load fails the requests of that batch with its error and is tried again on
-the next batch.  One image that cannot be decoded fails only its own request.
+A request may name its model (`inference.tasks.MODEL_OPTION`, a zebra style): the worker keeps
+up to `MAX_LOADED_MODELS` loaded and runs each batch model by model.  A model that cannot load
+fails the requests that need it and is tried again on the next one; an image that cannot be
+decoded fails only its own request.
 
-Torch is imported when the worker starts, never at import: the parent imports this module to
-name `run_worker` as the child's entry point.
+Which runtime runs a model is `inference.runtime.load_for_worker`'s choice (INFERENCE_RUNTIME).
+A worker whose models all run in ONNX Runtime never imports torch (issue 14: a torch runtime is
+most of a worker's memory); one that runs a torch model imports it for that model's load.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import os
 import queue
@@ -32,12 +35,14 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from inference.errors import InferenceError, ModelUnavailable
+from inference.tasks import MODEL_OPTION
 from inference.worker.protocol import (
     Batch,
     BatchHeader,
@@ -52,60 +57,27 @@ from inference.worker.protocol import (
     WorkItem,
     receive_batch,
 )
+from inference.worker.resources import keep_freed_memory, worker_threads
 
 logger = logging.getLogger(__name__)
 
+#: Models one worker keeps loaded, the least recently used going first: a request may name its
+#: model (the zebra task's styles), and memory stays bounded however many are asked for.
+MAX_LOADED_MODELS = 2
+
 # --- the worker process ---------------------------------------------------------------------------
-
-
-def worker_threads(torch_threads: int) -> int:
-    """Torch intra-op threads: the configured number (`torch_threads`), else one per core this
-    process may use."""
-    if torch_threads > 0:
-        return torch_threads
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def run_worker(config: WorkerConfig, conn: Connection) -> None:
     """Entry point of a worker process (started with the "spawn" context)."""
     # Ctrl-C in a terminal reaches the whole process group: let the parent decide and stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    keep_freed_memory()
     _Worker(config, conn).serve()
     # Everything is answered.  Skip the interpreter's teardown (torch's takes seconds): the
     # parent waits for this exit when it shuts down.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-#: glibc `mallopt` parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-#: Allocations below this come from the heap and are reused, not mapped and unmapped each time.
-MMAP_THRESHOLD_BYTES = 128 * 1024 * 1024
-#: Freed memory kept for reuse before any is given back to the system.
-TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc reuse the model's big activation buffers instead of unmapping them.
-
-    By default glibc serves allocations over a (moving) threshold with fresh `mmap`s and unmaps
-    them on free, so every forward pass of a batch faults its activations in page by page again.
-    Measured on the 2-core dev machine, EfficientNet-Lite0 per image: batch 1 11 ms, batch 8
-    17-19 ms with ~7,000 page faults per image; with these settings batch 8 takes 9 ms and no
-    faults.  (The CycleGAN generator at 256×256, batch 4: 477 → 341 ms per image.)  PyTorch's
-    CPU tuning guide suggests jemalloc or tcmalloc for the same reason; this needs no extra
-    library.  Returns False where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-        )
-    except (OSError, AttributeError):
-        return False
 
 
 @dataclass
@@ -115,29 +87,36 @@ class _Prepared:
     ready: list[tuple[int, Any, dict[str, Any]]] = field(default_factory=list)
     failed: list[Outcome] = field(default_factory=list)
     skipped: int = 0
+    #: The threads the service granted the batch (0: none granted, keep the worker's own).
+    threads: int = 0
+    #: Model name → the pipeline its inputs were prepared for, held until the batch has run
+    #: (a model evicted meanwhile by the next batch's load still finishes this one).
+    pipelines: dict[str, Any] = field(default_factory=dict)
 
 
 class _Worker:
     def __init__(self, config: WorkerConfig, conn: Connection) -> None:
-        import torch  # imported here: the parent's copy of this module never needs torch
-
         from inference.images import ImageLimits
-        from inference.registry import resolve_device
+        from inference.runtime.loader import wants_cuda
 
         self.task = config.task
         self.config = config
         self.conn = conn
-        self.threads = worker_threads(config.torch_threads)
-        torch.set_num_threads(self.threads)
-        self.device = resolve_device(config.device)
-        self.overlap_decoding = self.device.type == "cuda"
+        # Until a batch brings its grant (loading, warm-up): the whole budget.
+        self.threads = worker_threads(config.cpu_cores)
+        #: "cuda" or "cpu", decided without torch (`wants_cuda` imports it only where a GPU is).
+        self.device_type = "cuda" if wants_cuda(config.device) else "cpu"
+        self.overlap_decoding = self.device_type == "cuda"
         self.limits = ImageLimits(
             max_bytes=config.max_image_bytes,
             max_pixels=config.max_image_pixels,
             max_aspect_ratio=config.max_image_aspect_ratio,
             max_jpeg_scans=config.max_jpeg_scans,
         )
-        self.pipeline: Any = None
+        #: Model name → its loaded pipeline, least recently used first (`MAX_LOADED_MODELS`).
+        self.pipelines: OrderedDict[str, Any] = OrderedDict()
+        #: Model name → what runs it ("onnx", "torch"), for the state reports.
+        self.runtimes: dict[str, str] = {}
         self.decoders = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="worker-decode")
         self.inbox: queue.SimpleQueue[Batch | Load | None] = queue.SimpleQueue()
         # GPU only: one batch prepared ahead of the model, no more (bounded memory, and a
@@ -191,102 +170,158 @@ class _Worker:
         if isinstance(message, Batch):
             self._send(Started(message.batch_id))
             return self._prepare(message)
-        if self.pipeline is not None:  # already loaded: say so, the caller waits for it
-            self._send(self._ready_report())
+        if (loaded := self.pipelines.get(self.config.model)) is not None:  # say so, the caller waits for it
+            self._send(self._ready_report(loaded))
         else:
-            self._ensure_pipeline()
+            self._ensure_pipeline(self.config.model)
         return None
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _ensure_pipeline(self) -> InferenceError | None:
-        """Load the model once; on failure return the error (and try again next batch)."""
-        if self.pipeline is not None:
-            return None
-        from inference.registry import load_pipeline
+    @property
+    def pipeline(self) -> Any:
+        """The pipeline used last (None before any); set: the configured model's (tests' stand-ins)."""
+        return next(reversed(self.pipelines.values()), None)
 
-        self._send(StateChanged("loading", device=self.device.type))
+    @pipeline.setter
+    def pipeline(self, pipeline: Any) -> None:
+        self.pipelines[self.config.model] = pipeline
+
+    def _model_of(self, options: dict[str, Any]) -> str:  # the one a request named, else the configured one
+        return str(options.get(MODEL_OPTION) or self.config.model)
+
+    def _ensure_pipeline(self, model_name: str) -> Any:
+        """The pipeline of `model_name`, loaded if it is not; on failure the error (tried again
+        on its next request).  Loading past `MAX_LOADED_MODELS` first drops the least recently used."""
+        if (pipeline := self.pipelines.get(model_name)) is not None:
+            self.pipelines.move_to_end(model_name)
+            return pipeline
+        while len(self.pipelines) >= MAX_LOADED_MODELS:
+            self.pipelines.popitem(last=False)  # before loading: memory stays bounded
+        self._send(StateChanged("loading", device=self.device_type))
         try:
-            # The loaders take a `Settings`: one made of the config's plain values.
-            pipeline = load_pipeline(self.task, self.config.loader_settings(), self.device)
-        except InferenceError as error:
-            self._send(StateChanged("unavailable", error=str(error)))
+            pipeline = self._load(model_name)
+        except Exception as error:
+            if not isinstance(error, InferenceError):  # a bug or the environment: details to the log
+                logger.exception("loading the %s model %s failed", self.task, model_name)
+                error = ModelUnavailable(f"The {model_name} model could not be loaded ({type(error).__name__}: {error}).")
+            # The configured model failing makes the task unavailable; a style fails its requests only.
+            state = "unavailable" if model_name == self.config.model else ("ready" if self.pipelines else "idle")
+            self._send(StateChanged(state, error=str(error)))
             return error
-        except Exception as error:  # a bug or an environment problem: keep the details in the log
-            logger.exception("loading the %s model failed", self.task)
-            error = ModelUnavailable(f"The {self.task} model could not be loaded ({type(error).__name__}: {error}).")
-            self._send(StateChanged("unavailable", error=str(error)))
-            return error
-        self.pipeline = pipeline
-        self._send(self._ready_report())
-        return None
+        self.pipelines[model_name] = pipeline
+        self._send(self._ready_report(pipeline))
+        return pipeline
 
-    def _ready_report(self) -> StateChanged:
-        return StateChanged("ready", model=str(getattr(self.pipeline, "name", self.task)), device=self.device.type)
+    def _load(self, model_name: str) -> Any:
+        """The one place a pipeline is built: the runtime that INFERENCE_RUNTIME and the export's
+        parity check choose (`inference.runtime`), given a `Settings` of the config's plain values."""
+        from inference.runtime.loader import load_for_worker
+
+        loaded = load_for_worker(self.task, model_name, self.config.loader_settings(), self.config.device, self.threads)
+        logger.info("%s: %s runs in %s on the %s (%s)", self.task, model_name, loaded.runtime, loaded.device, loaded.reason)
+        if loaded.runtime == "torch":
+            import torch
+
+            torch.set_num_threads(self.threads)
+            keep_freed_memory()  # torch's activations: see keep_freed_memory (ONNX Runtime has its arena)
+        self.runtimes[model_name] = loaded.runtime
+        self.device_type = loaded.device
+        return loaded.pipeline
+
+    def _ready_report(self, pipeline: Any) -> StateChanged:
+        # The task's state names its configured model (`/status`, `models()`), not one beside it.
+        name = str(getattr(pipeline, "name", self.task)) if pipeline is self.pipelines.get(self.config.model) else ""
+        runtime = self.runtimes.get(self.config.model, "") if name else ""
+        return StateChanged("ready", model=name, device=self.device_type, runtime=runtime)
 
     def _prepare(self, batch: Batch) -> _Prepared:
-        prepared = _Prepared(batch.batch_id)
-        load_error = self._ensure_pipeline()
-        todo = []
+        prepared = _Prepared(batch.batch_id, threads=batch.threads)
+        by_model: dict[str, list[WorkItem]] = {}  # one load and one draft size per model
         for item in batch.items:
             if self._take_cancelled(item.request_id):
                 prepared.skipped += 1
-            elif load_error is not None:
-                prepared.failed.append(Outcome(item.request_id, error=load_error))
             else:
-                todo.append(item)
-        # Pillow decodes with the GIL released: the images of a batch decode side by side.
-        # Preprocessing (torch ops) stays on this thread: torch ops called from the decoder
-        # threads would start thread teams of their own, and with more OpenMP threads than cores
-        # the model's team stops spinning and sleeps at every barrier.
-        images = self.decoders.map(self._decode, todo) if len(todo) > 1 else map(self._decode, todo)
-        for item, image in zip(todo, images):
-            outcome = image if isinstance(image, InferenceError) else self._preprocess(image)
-            if isinstance(outcome, InferenceError):
-                prepared.failed.append(Outcome(item.request_id, error=outcome))
-            else:
-                prepared.ready.append((item.request_id, outcome, item.options))
+                by_model.setdefault(self._model_of(item.options), []).append(item)
+        for model_name, todo in by_model.items():
+            pipeline = self._ensure_pipeline(model_name)
+            if isinstance(pipeline, InferenceError):
+                prepared.failed.extend(Outcome(item.request_id, error=pipeline) for item in todo)
+                continue
+            prepared.pipelines[model_name] = pipeline
+            self._use_threads(batch.threads)  # the decoders' and the preprocessing's share
+            # Pillow decodes with the GIL released: the images of a batch decode side by side.
+            # Preprocessing (torch ops) stays on this thread: torch ops called from the decoder
+            # threads would start thread teams of their own, and with more OpenMP threads than
+            # cores the model's team stops spinning and sleeps at every barrier.
+            decode = functools.partial(self._decode, draft_size=pipeline.draft_size)
+            images = self.decoders.map(decode, todo) if len(todo) > 1 else map(decode, todo)
+            for item, image in zip(todo, images):
+                outcome = image if isinstance(image, InferenceError) else self._preprocess(pipeline, image)
+                if isinstance(outcome, InferenceError):
+                    prepared.failed.append(Outcome(item.request_id, error=outcome))
+                else:
+                    prepared.ready.append((item.request_id, outcome, item.options))
         return prepared
 
-    def _decode(self, item: WorkItem) -> Any:
+    def _decode(self, item: WorkItem, draft_size: tuple[int, int] | None) -> Any:
         """One image decoded (RGB, drafted down for the model), or the error to send back."""
         from inference.images import decode_image
 
         try:
-            return decode_image(item.image, self.limits, draft_size=self.pipeline.draft_size)
+            return decode_image(item.image, self.limits, draft_size=draft_size)
         except InferenceError as error:
             return error
         except Exception:
             logger.exception("decoding a %s request failed", self.task)
             return InferenceError("That image could not be decoded.")
 
-    def _preprocess(self, image: Any) -> Any:
+    def _preprocess(self, pipeline: Any, image: Any) -> Any:
         try:
-            return self.pipeline.preprocess(image)
+            return pipeline.preprocess(image)
         except InferenceError as error:
             return error
         except Exception:
             logger.exception("preprocessing a %s request failed", self.task)
             return InferenceError("That image could not be prepared for the model.")
 
+    def _use_threads(self, threads: int) -> None:
+        """Run with the batch's grant of the service's core budget: the model's threads (set on
+        the calling thread: OpenMP's count is per thread) and the decoder pool's size."""
+        if threads < 1:
+            return
+        own_pools = [getattr(pipeline, "set_threads", None) for pipeline in self.pipelines.values()]
+        for set_threads in filter(None, own_pools):  # ONNX Runtime: its own thread pools
+            set_threads(threads)
+        if not all(own_pools):  # a torch model is loaded, so torch is imported already
+            import torch
+
+            if torch.get_num_threads() != threads:  # changing it rebuilds torch's team
+                torch.set_num_threads(threads)
+        if threads != self.threads:
+            self.threads = threads
+            decoders, self.decoders = self.decoders, ThreadPoolExecutor(threads, thread_name_prefix="worker-decode")
+            decoders.shutdown(wait=False)
+
     def _run(self, job: _Prepared) -> None:
+        self._use_threads(job.threads)  # on the model's thread (the GPU path prepares on another)
         if job.failed:
             self._send(Results(job.batch_id, job.failed))
         skipped = job.skipped
-        for chunk in self._chunks(job.ready):
+        for pipeline, chunk in self._chunks(job):
             live = [entry for entry in chunk if not self._take_cancelled(entry[0])]
             skipped += len(chunk) - len(live)
-            for results in self._run_model(job.batch_id, live) if live else []:
+            for results in self._run_model(job.batch_id, pipeline, live) if live else []:
                 self._send(results)
-        self._send(Results(job.batch_id, [], final=True, skipped=skipped))
+        self._send(Results(job.batch_id, [], final=True, skipped=skipped, threads=job.threads))
         # Request ids grow batch after batch: a cancellation of an id up to this batch's that
         # was not used came after its result, and will never be.
         newest = max((entry[0] for entry in job.ready), default=0)
         with self.cancelled_lock:
             self.cancelled = {request_id for request_id in self.cancelled if request_id > newest}
 
-    def _chunks(self, ready: list[tuple[int, Any, dict[str, Any]]]) -> list[list[tuple[int, Any, dict[str, Any]]]]:
-        """Which inputs go through the model together.
+    def _chunks(self, job: _Prepared) -> list[tuple[Any, list[tuple[int, Any, dict[str, Any]]]]]:
+        """Which inputs go through which model together: (pipeline, inputs), one model per chunk.
 
         Equal shapes are stacked when the pipeline says its inputs are all one size (the
         classifier's crops) or on a GPU.  Size-dependent models (CycleGAN at the photo's aspect
@@ -295,23 +330,25 @@ class _Worker:
         of 4, even with `keep_freed_memory`), and each result goes back as soon as it exists
         instead of waiting for the rest of the batch.
         """
-        if not ready:
-            return []
-        if not (self.pipeline.fixed_input_size or self.device.type == "cuda"):
-            return [[entry] for entry in ready]
-        groups: dict[tuple[int, ...], list[tuple[int, Any, dict[str, Any]]]] = {}
-        for entry in ready:
-            groups.setdefault(tuple(entry[1].shape), []).append(entry)
-        return list(groups.values())
+        chunks: list[tuple[Any, list[tuple[int, Any, dict[str, Any]]]]] = []
+        groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, Any, dict[str, Any]]]] = {}
+        for entry in job.ready:
+            model_name = self._model_of(entry[2])
+            pipeline = job.pipelines[model_name]
+            if pipeline.fixed_input_size or self.device_type == "cuda":
+                groups.setdefault((model_name, tuple(entry[1].shape)), []).append(entry)
+            else:
+                chunks.append((pipeline, [entry]))
+        return chunks + [(job.pipelines[model_name], group) for (model_name, _), group in groups.items()]
 
-    def _run_model(self, batch_id: int, entries: list[tuple[int, Any, dict[str, Any]]]) -> list[Results]:
+    def _run_model(self, batch_id: int, pipeline: Any, entries: list[tuple[int, Any, dict[str, Any]]]) -> list[Results]:
         started = time.perf_counter()
         try:
-            values = self.pipeline.run([tensor for _, tensor, _ in entries], [options for _, _, options in entries])
+            values = pipeline.run([tensor for _, tensor, _ in entries], [options for _, _, options in entries])
         except Exception as error:
             if len(entries) > 1:
                 # Find the input that breaks the batch: the others still deserve their result.
-                return [results for entry in entries for results in self._run_model(batch_id, [entry])]
+                return [results for entry in entries for results in self._run_model(batch_id, pipeline, [entry])]
             if not isinstance(error, InferenceError):
                 logger.exception("the %s model failed", self.task)
                 error = InferenceError(f"The {self.task} model failed on that image.")

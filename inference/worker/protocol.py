@@ -32,8 +32,11 @@ class WorkerConfig:
     model: str
     #: "auto" or a torch device string.
     device: str
-    #: Torch intra-op threads; 0 means one per core the process may use.
-    torch_threads: int
+    #: The service's core budget: the threads the worker uses until a batch brings its own
+    #: grant (loading, warm-up); 0 means one per core the process may use.
+    cpu_cores: int
+    #: INFERENCE_RUNTIME: "auto", "onnx" or "torch" (`inference.runtime.load_for_worker`).
+    inference_runtime: str
     # The decoder's limits (`inference.images.ImageLimits`).
     max_image_bytes: int
     max_image_pixels: int
@@ -53,7 +56,8 @@ class WorkerConfig:
             task=task,
             model=get_task(task).default_model(settings),
             device=settings.device,
-            torch_threads=settings.torch_threads,
+            cpu_cores=settings.cpu_cores,
+            inference_runtime=settings.inference_runtime,
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
             max_image_aspect_ratio=settings.max_image_aspect_ratio,
@@ -71,7 +75,8 @@ class WorkerConfig:
         everything else keeps its default, the token stays None."""
         values: dict[str, Any] = dict(
             device=self.device,
-            torch_threads=self.torch_threads,
+            cpu_cores=self.cpu_cores,
+            inference_runtime=self.inference_runtime,
             max_image_bytes=self.max_image_bytes,
             max_image_pixels=self.max_image_pixels,
             max_image_aspect_ratio=self.max_image_aspect_ratio,
@@ -103,6 +108,8 @@ class WorkItem:
 class Batch:
     batch_id: int
     items: list[WorkItem]
+    #: The threads the service granted this batch out of its core budget (0: the worker's own).
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class BatchHeader:
     batch_id: int
     #: (request id, options) of each item, in the order their images follow.
     items: list[tuple[int, dict[str, Any]]]
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,8 @@ class StateChanged:
     error: str = ""
     #: The torch device type the worker runs on ("cpu", "cuda"): the task's batch policy.
     device: str = ""
+    #: What runs the configured model: "onnx" (ONNX Runtime) or "torch"; "" until loaded.
+    runtime: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,8 @@ class Results:
     final: bool = False
     #: Requests of the batch dropped because they were cancelled before reaching the model.
     skipped: int = 0
+    #: On the final message: the threads the batch ran with.
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,11 +206,12 @@ def frames(message: Any) -> list[bytes | memoryview]:
     """What goes on the wire for a message, pickled *before* anything is written: a message
     that cannot be pickled then leaves the pipe as it was (`Connection.send` does the same)."""
     if isinstance(message, Batch):
-        header = BatchHeader(message.batch_id, [(item.request_id, item.options) for item in message.items])
+        header = BatchHeader(message.batch_id, [(item.request_id, item.options) for item in message.items], message.threads)
         return [ForkingPickler.dumps(header), *(item.image for item in message.items)]
     return [ForkingPickler.dumps(message)]
 
 
 def receive_batch(conn: Connection, header: BatchHeader) -> Batch:
     """The rest of a `Batch` whose header was just received: one raw message per image."""
-    return Batch(header.batch_id, [WorkItem(request_id, conn.recv_bytes(), options) for request_id, options in header.items])
+    items = [WorkItem(request_id, conn.recv_bytes(), options) for request_id, options in header.items]
+    return Batch(header.batch_id, items, header.threads)
