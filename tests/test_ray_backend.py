@@ -36,7 +36,8 @@ from inference.service.ray_app import deployment_options, replica_arguments
 from inference.service.ray_backend import RayBackend
 from tests.conftest import REPO_ROOT, assert_dog
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+#: The Ray tests share one local Ray instance (module scope), so they share the module's loop.
+in_the_modules_loop = pytest.mark.asyncio(loop_scope="module")
 
 SETTLE_TIMEOUT_S = 120.0  # starting Ray and loading three models, on two shared cores
 
@@ -59,6 +60,7 @@ def world(env: simcord.Env) -> tuple[simcord.ChannelHandle, simcord.MemberActor]
 # --- the bot on a Ray instance of its own (first: no Ray may be running yet) ----------------------
 
 
+@in_the_modules_loop
 async def test_the_bot_serves_every_task_through_serve_and_stops_its_ray(
     generated_weights_dir: Path, bobby_jpg: bytes, horse_jpg: bytes, tmp_path: Path
 ) -> None:
@@ -120,6 +122,7 @@ async def deployed(generated_weights_dir: Path) -> AsyncIterator[RayBackend]:
     assert not ray.is_initialized()
 
 
+@in_the_modules_loop
 async def test_serve_back_pressure_is_busy_with_a_retry_hint(deployed: RayBackend, bobby_jpg: bytes) -> None:
     # Another bot process's view: its own queue limit is large, the deployed app's is not, and
     # it uses the application as deployed (it does not deploy its own).
@@ -141,6 +144,7 @@ async def test_serve_back_pressure_is_busy_with_a_retry_hint(deployed: RayBacken
         assert (stats.rejected, stats.done, stats.waiting, stats.running) == (len(refused), len(answered), 0, 0)
 
 
+@in_the_modules_loop
 async def test_errors_come_back_as_their_own_types(deployed: RayBackend, bobby_jpg: bytes) -> None:
     before = deployed.stats()["classify"]
     with pytest.raises(InvalidImage):
@@ -153,6 +157,7 @@ async def test_errors_come_back_as_their_own_types(deployed: RayBackend, bobby_j
     assert (after.failed - before.failed, after.done - before.done) == (2, 1)
 
 
+@in_the_modules_loop
 async def test_cancelling_cancels_the_serve_request(deployed: RayBackend, bobby_jpg: bytes) -> None:
     replica = serve.get_deployment_handle("classify", app_name=deployed.app_name).options(method_name="model_runs")
     runs_before = await replica.remote()
@@ -212,6 +217,7 @@ def test_deployments_take_their_batching_replicas_and_gpu_from_the_settings() ->
     assert settings.discord_token is None or "discord_token" not in config.__dict__  # never sent to a replica
 
 
+@in_the_modules_loop
 async def test_shard_settings_reach_discord_py(tmp_path: Path) -> None:
     plain = create_bot(Settings(bot_data_dir=tmp_path))
     assert not isinstance(plain, commands.AutoShardedBot)
