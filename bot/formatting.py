@@ -225,9 +225,10 @@ def status_embed(states: Sequence[ModelState], stats: ServiceStats, versions: st
         times = (
             f"p50 {_ms(counts.p50_ms)} · p95 {_ms(counts.p95_ms)}" if counts.done else "no answers yet"
         )
+        cores = f" · {counts.threads} of {stats.cpu_cores} cores" if counts.threads and stats.cpu_cores else ""
         lines = [
             f"{icon} {label} · `{state.model}` · {where}",
-            f"waiting {counts.waiting} · running {counts.running} · {times}",
+            f"waiting {counts.waiting} · running {counts.running}{cores} · {times}",
         ]
         embed.add_field(name=state.task, value=_clip("\n".join(lines), 1024), inline=False)
     embed.set_footer(text=versions)

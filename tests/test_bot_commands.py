@@ -4,6 +4,8 @@ before any download, and `models` from the bot's own service."""
 
 from __future__ import annotations
 
+import re
+
 import discord
 import pytest
 import simcord
@@ -165,7 +167,9 @@ async def test_status_shows_each_task_with_its_queue_and_times(service, bobby_jp
         runtime = service.models()[0].runtime
         assert runtime in ("onnx", "torch")  # INFERENCE_RUNTIME=auto: whichever its export measured faster
         assert fields["classify"].startswith(f"🟢 loaded · `efficientnet_lite0` · {runtime} on cpu")
-        assert "waiting 1 · running 0 · p50 " in fields["classify"]  # the held request
+        # The held request, and the cores its batch was granted out of the service's budget.
+        cores = service.stats().cpu_cores
+        assert re.search(rf"waiting 1 · running 0 · [1-{cores}] of {cores} cores · p50 ", fields["classify"])
         assert "waiting 0 · running 0 · p50 " in fields["zebra"] and " · p95 " in fields["zebra"]
         caption = service.stats()["caption"]  # the figures are the service's own
         assert f"p50 {shown_ms(caption.p50_ms)} · p95 {shown_ms(caption.p95_ms)}" in fields["caption"]
