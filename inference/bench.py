@@ -98,8 +98,8 @@ class BenchReport:
 def add_cli(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="measure the worker queue against a naive baseline")
     parser.add_argument("--task", choices=TASKS, default="classify", help="which model (default classify)")
-    parser.add_argument("--requests", type=_positive, default=64, help="requests per run (default 64)")
-    parser.add_argument("--concurrency", type=_positive, default=16, help="concurrent clients (default 16)")
+    parser.add_argument("--requests", type=positive_count, default=64, help="requests per run (default 64)")
+    parser.add_argument("--concurrency", type=positive_count, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of JPEG photos")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -126,7 +126,8 @@ def run_bench_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 
-def _positive(text: str) -> int:
+def positive_count(text: str) -> int:
+    """argparse `type` of a count: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")

@@ -25,7 +25,8 @@ from typing import Any
 
 from config import Settings
 from config.settings import RUNTIMES
-from inference.bench import DEFAULT_IMAGES, BenchInput, bench_inputs, with_room_for
+from inference.bench import DEFAULT_IMAGES, BenchInput, bench_inputs, positive_count, with_room_for
+from inference.bench_modes import with_runtime
 from inference.errors import InferenceError, ModelUnavailable
 from inference.service import TASKS, InferenceService
 
@@ -101,27 +102,17 @@ def add_cli(subparsers: Any) -> None:
     parser.add_argument(
         "--runtime", choices=RUNTIMES, default=None, help="what runs the models (default INFERENCE_RUNTIME: auto)"
     )
-    parser.add_argument("--burst", type=_positive, default=4, help="requests of each task in the burst (default 4)")
+    parser.add_argument("--burst", type=positive_count, default=4, help="requests of each task in the burst (default 4)")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="a folder of JPEG photos for the burst")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run_memory_command)
 
 
 def run_memory_command(args: argparse.Namespace, settings: Settings) -> int:
-    if args.weights_dir is not None:
-        settings = settings.replace(weights_dir=args.weights_dir)
-    if args.runtime is not None:
-        settings = settings.replace(inference_runtime=args.runtime)
+    settings = with_runtime(settings, args)
     report = asyncio.run(measure_memory(settings, bench_inputs(args.images), args.burst))
     print(report.to_json() if args.json else report.format())
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 # --- measuring ------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from PIL import Image
 
 from config import Settings
 from inference.errors import InferenceError
-from inference.worker.process import MAX_LOADED_MODELS, _Worker
+from inference.worker.models import MAX_LOADED_MODELS
+from inference.worker.process import _Worker
 from inference.worker.protocol import Batch, Results, StateChanged, Stop, WorkerConfig, WorkItem, frames
 from tests.checkpoints import write_cyclegan_checkpoint
 

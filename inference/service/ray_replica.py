@@ -1,7 +1,7 @@
 """The Ray Serve side of the Ray backend: one deployment per task, batching with `@serve.batch`.
 
-A replica does what a local worker process does (`inference.worker.process`): it loads the
-task's pipeline with the same call (the registry's `get_model(...).load`, from a `WorkerConfig`:
+A replica does what a local worker process does (`inference.worker.process`): it loads and keeps
+the task's models by the same rules (`inference.worker.models.ModelShelf`, from a `WorkerConfig`:
 plain values, never the Discord token), decodes with `inference.images.decode_image` and the same
 limits, preprocesses, runs the model on the batch and answers each request on its own: one
 image that cannot be decoded fails only its own request, as the same `InferenceError` type.
@@ -21,17 +21,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
-from inference.errors import InferenceError, ModelUnavailable
+from inference.errors import InferenceError
 from inference.service.types import ModelState
-from inference.tasks import MODEL_OPTION
+from inference.worker.models import ModelShelf
 from inference.worker.protocol import WorkerConfig
+from inference.worker.resources import worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,9 @@ class TaskReplica:
         self.config = config
         self._in_batches.set_max_batch_size(max_batch_size)
         self._in_batches.set_batch_wait_timeout_s(batch_wait_s)
-        #: Model name → its pipeline, least recently used first (`MAX_LOADED_MODELS`, as a worker).
-        self._pipelines: OrderedDict[str, Any] = OrderedDict()
-        #: "cpu" or "cuda" once a model loaded; "" before.
-        self._device_type = ""
-        #: Model name → what runs it ("onnx", "torch").
-        self._runtimes: dict[str, str] = {}
+        #: Its models, loaded and kept by the worker processes' rules.
+        self._models = ModelShelf(config)
+        self._limits = config.image_limits()
         self._load_lock = threading.Lock()
         #: Why the configured model could not load last time; None once it did.
         self._load_error: InferenceError | None = None
@@ -74,11 +71,11 @@ class TaskReplica:
         return self.model_state()
 
     def model_state(self) -> ModelState:
-        task, model, device = self.config.task, self.config.model, self._device_type
-        pipeline = self._pipelines.get(model)
+        task, model, device = self.config.task, self.config.model, self._models.device_type
+        pipeline = self._models.pipelines.get(model)
         if pipeline is not None:
             name = str(getattr(pipeline, "name", model))
-            return ModelState(task, name, "ready", runtime=self._runtimes.get(model, ""), device=device)
+            return ModelState(task, name, "ready", runtime=self._models.runtimes.get(model, ""), device=device)
         if self._load_error is not None:
             return ModelState(task, model, "unavailable", device=device, error=str(self._load_error))
         return ModelState(task, model, "idle")
@@ -102,51 +99,21 @@ class TaskReplica:
     # -- in the model's thread ----------------------------------------------------------------
 
     def _pipeline(self, model_name: str) -> Any:
-        """The pipeline of `model_name`, loaded if it is not; on failure its error (and a new try
-        on its next request)."""
+        """The pipeline of `model_name`, loaded if it is not (`ModelShelf`, as in a worker); on
+        failure its error (and a new try on its next request)."""
         with self._load_lock:
-            if (pipeline := self._pipelines.get(model_name)) is not None:
-                self._pipelines.move_to_end(model_name)
+            if (pipeline := self._models.get(model_name)) is not None:
                 return pipeline
-            from inference.worker.process import MAX_LOADED_MODELS, keep_freed_memory, worker_threads
-
-            while len(self._pipelines) >= MAX_LOADED_MODELS:
-                self._pipelines.popitem(last=False)  # before loading: memory stays bounded
-            threads = worker_threads(self.config.cpu_cores)
-            try:
-                loaded = self._load(model_name, threads)
-            except Exception as error:
-                if not isinstance(error, InferenceError):  # a bug or the environment: details to the log
-                    logger.exception("loading the %s model %s failed", self.config.task, model_name)
-                    error = ModelUnavailable(f"The {model_name} model could not be loaded ({type(error).__name__}: {error}).")
-                if model_name == self.config.model:
-                    self._load_error = error
-                return error
-            if loaded.runtime == "torch":
-                import torch
-
-                torch.set_num_threads(threads)
-                keep_freed_memory()  # as in a worker: torch's activations are reused, not remapped
-            self._runtimes[model_name] = loaded.runtime
-            self._device_type = loaded.device
-            pipeline = loaded.pipeline
+            pipeline = self._models.load(model_name, worker_threads(self.config.cpu_cores))
             if model_name == self.config.model:
-                self._load_error = None
-            self._pipelines[model_name] = pipeline
+                self._load_error = pipeline if isinstance(pipeline, InferenceError) else None
             return pipeline
-
-    def _load(self, model_name: str, threads: int) -> Any:
-        """The call that builds a pipeline, as in the worker processes (`_Worker._load`): the
-        runtime INFERENCE_RUNTIME and the export's parity check choose (`inference.runtime`)."""
-        from inference.runtime.loader import load_for_worker
-
-        return load_for_worker(self.config.task, model_name, self.config.loader_settings(), self.config.device, threads)
 
     def _answer(self, images: list[bytes], options: list[dict[str, Any]]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(images)
         by_model: dict[str, list[int]] = {}
         for index, request_options in enumerate(options):
-            by_model.setdefault(str(request_options.get(MODEL_OPTION) or self.config.model), []).append(index)
+            by_model.setdefault(self._models.model_of(request_options), []).append(index)
         for model_name, indices in by_model.items():
             pipeline = self._pipeline(model_name)
             if isinstance(pipeline, InferenceError):
@@ -166,16 +133,10 @@ class TaskReplica:
         return [outcome or Outcome(error=InferenceError("The model returned no result.")) for outcome in outcomes]
 
     def _prepare(self, pipeline: Any, data: bytes) -> Any:
-        from inference.images import ImageLimits, decode_image
+        from inference.images import decode_image
 
-        limits = ImageLimits(
-            max_bytes=self.config.max_image_bytes,
-            max_pixels=self.config.max_image_pixels,
-            max_aspect_ratio=self.config.max_image_aspect_ratio,
-            max_jpeg_scans=self.config.max_jpeg_scans,
-        )
         try:
-            return pipeline.preprocess(decode_image(data, limits, draft_size=pipeline.draft_size))
+            return pipeline.preprocess(decode_image(data, self._limits, draft_size=pipeline.draft_size))
         except InferenceError as error:
             return error
         except Exception:
@@ -183,9 +144,9 @@ class TaskReplica:
             return InferenceError("That image could not be decoded.")
 
     def _chunks(self, pipeline: Any, ready: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
-        """Equal shapes go through the model together where the pipeline or device allows it
-        (the worker's rule, `_Worker._chunks`); size-dependent models one at a time on a CPU."""
-        if not (pipeline.fixed_input_size or self._device_type == "cuda"):
+        """Equal shapes go through the model together where `ModelShelf.stacks` says so (the
+        worker's rule); else one input at a time."""
+        if not self._models.stacks(pipeline):
             return [[entry] for entry in ready]
         groups: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
         for entry in ready:

@@ -2,7 +2,7 @@
 parent's handle on it (`handle`).  Below the service, above the models; no torch at import."""
 
 from inference.worker.handle import WorkerHandle
-from inference.worker.process import keep_freed_memory, run_worker, worker_threads
+from inference.worker.process import run_worker
 from inference.worker.protocol import (
     Batch,
     Cancel,
@@ -16,6 +16,7 @@ from inference.worker.protocol import (
     WorkerConfig,
     WorkItem,
 )
+from inference.worker.resources import keep_freed_memory, worker_threads
 
 __all__ = [
     "Batch",

@@ -16,7 +16,7 @@ The worker also keeps freed memory for reuse (`keep_freed_memory`): without it, 
 unmaps a batch's activations on every forward pass, and batching *lost* throughput on the CPU.
 
 A request may name its model (`inference.tasks.MODEL_OPTION`, a zebra style): the worker keeps
-up to `MAX_LOADED_MODELS` loaded and runs each batch model by model.  A model that cannot load
+up to `MAX_LOADED_MODELS` loaded (`inference.worker.models`) and runs each batch model by model.  A model that cannot load
 fails the requests that need it and is tried again on the next one; an image that cannot be
 decoded fails only its own request.
 
@@ -35,14 +35,12 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from inference.errors import InferenceError, ModelUnavailable
-from inference.tasks import MODEL_OPTION
+from inference.errors import InferenceError
 from inference.worker.protocol import (
     Batch,
     BatchHeader,
@@ -57,13 +55,10 @@ from inference.worker.protocol import (
     WorkItem,
     receive_batch,
 )
-from inference.worker.resources import keep_freed_memory, worker_threads
+from inference.worker.models import ModelShelf
+from inference.worker.resources import worker_threads
 
 logger = logging.getLogger(__name__)
-
-#: Models one worker keeps loaded, the least recently used going first: a request may name its
-#: model (the zebra task's styles), and memory stays bounded however many are asked for.
-MAX_LOADED_MODELS = 2
 
 # --- the worker process ---------------------------------------------------------------------------
 
@@ -96,27 +91,14 @@ class _Prepared:
 
 class _Worker:
     def __init__(self, config: WorkerConfig, conn: Connection) -> None:
-        from inference.images import ImageLimits
-        from inference.runtime.loader import wants_cuda
-
         self.task = config.task
         self.config = config
         self.conn = conn
         # Until a batch brings its grant (loading, warm-up): the whole budget.
         self.threads = worker_threads(config.cpu_cores)
-        #: "cuda" or "cpu", decided without torch (`wants_cuda` imports it only where a GPU is).
-        self.device_type = "cuda" if wants_cuda(config.device) else "cpu"
-        self.overlap_decoding = self.device_type == "cuda"
-        self.limits = ImageLimits(
-            max_bytes=config.max_image_bytes,
-            max_pixels=config.max_image_pixels,
-            max_aspect_ratio=config.max_image_aspect_ratio,
-            max_jpeg_scans=config.max_jpeg_scans,
-        )
-        #: Model name → its loaded pipeline, least recently used first (`MAX_LOADED_MODELS`).
-        self.pipelines: OrderedDict[str, Any] = OrderedDict()
-        #: Model name → what runs it ("onnx", "torch"), for the state reports.
-        self.runtimes: dict[str, str] = {}
+        self.models = ModelShelf(config)
+        self.overlap_decoding = self.models.device_type == "cuda"
+        self.limits = config.image_limits()
         self.decoders = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="worker-decode")
         self.inbox: queue.SimpleQueue[Batch | Load | None] = queue.SimpleQueue()
         # GPU only: one batch prepared ahead of the model, no more (bounded memory, and a
@@ -170,13 +152,18 @@ class _Worker:
         if isinstance(message, Batch):
             self._send(Started(message.batch_id))
             return self._prepare(message)
-        if (loaded := self.pipelines.get(self.config.model)) is not None:  # say so, the caller waits for it
+        if (loaded := self.models.pipelines.get(self.config.model)) is not None:  # say so, the caller waits for it
             self._send(self._ready_report(loaded))
         else:
             self._ensure_pipeline(self.config.model)
         return None
 
     # -- stages -----------------------------------------------------------------------------
+
+    @property
+    def pipelines(self) -> dict[str, Any]:
+        """Model name → its loaded pipeline, least recently used first."""
+        return self.models.pipelines
 
     @property
     def pipeline(self) -> Any:
@@ -187,53 +174,26 @@ class _Worker:
     def pipeline(self, pipeline: Any) -> None:
         self.pipelines[self.config.model] = pipeline
 
-    def _model_of(self, options: dict[str, Any]) -> str:  # the one a request named, else the configured one
-        return str(options.get(MODEL_OPTION) or self.config.model)
-
     def _ensure_pipeline(self, model_name: str) -> Any:
-        """The pipeline of `model_name`, loaded if it is not; on failure the error (tried again
-        on its next request).  Loading past `MAX_LOADED_MODELS` first drops the least recently used."""
-        if (pipeline := self.pipelines.get(model_name)) is not None:
-            self.pipelines.move_to_end(model_name)
+        """The pipeline of `model_name`, loaded if it is not (`ModelShelf`); on failure the
+        error (tried again on its next request), reported as the task's state."""
+        if (pipeline := self.models.get(model_name)) is not None:
             return pipeline
-        while len(self.pipelines) >= MAX_LOADED_MODELS:
-            self.pipelines.popitem(last=False)  # before loading: memory stays bounded
-        self._send(StateChanged("loading", device=self.device_type))
-        try:
-            pipeline = self._load(model_name)
-        except Exception as error:
-            if not isinstance(error, InferenceError):  # a bug or the environment: details to the log
-                logger.exception("loading the %s model %s failed", self.task, model_name)
-                error = ModelUnavailable(f"The {model_name} model could not be loaded ({type(error).__name__}: {error}).")
+        self._send(StateChanged("loading", device=self.models.device_type))
+        pipeline = self.models.load(model_name, self.threads)
+        if isinstance(pipeline, InferenceError):
             # The configured model failing makes the task unavailable; a style fails its requests only.
             state = "unavailable" if model_name == self.config.model else ("ready" if self.pipelines else "idle")
-            self._send(StateChanged(state, error=str(error)))
-            return error
-        self.pipelines[model_name] = pipeline
+            self._send(StateChanged(state, error=str(pipeline)))
+            return pipeline
         self._send(self._ready_report(pipeline))
         return pipeline
-
-    def _load(self, model_name: str) -> Any:
-        """The one place a pipeline is built: the runtime that INFERENCE_RUNTIME and the export's
-        parity check choose (`inference.runtime`), given a `Settings` of the config's plain values."""
-        from inference.runtime.loader import load_for_worker
-
-        loaded = load_for_worker(self.task, model_name, self.config.loader_settings(), self.config.device, self.threads)
-        logger.info("%s: %s runs in %s on the %s (%s)", self.task, model_name, loaded.runtime, loaded.device, loaded.reason)
-        if loaded.runtime == "torch":
-            import torch
-
-            torch.set_num_threads(self.threads)
-            keep_freed_memory()  # torch's activations: see keep_freed_memory (ONNX Runtime has its arena)
-        self.runtimes[model_name] = loaded.runtime
-        self.device_type = loaded.device
-        return loaded.pipeline
 
     def _ready_report(self, pipeline: Any) -> StateChanged:
         # The task's state names its configured model (`/status`, `models()`), not one beside it.
         name = str(getattr(pipeline, "name", self.task)) if pipeline is self.pipelines.get(self.config.model) else ""
-        runtime = self.runtimes.get(self.config.model, "") if name else ""
-        return StateChanged("ready", model=name, device=self.device_type, runtime=runtime)
+        runtime = self.models.runtimes.get(self.config.model, "") if name else ""
+        return StateChanged("ready", model=name, device=self.models.device_type, runtime=runtime)
 
     def _prepare(self, batch: Batch) -> _Prepared:
         prepared = _Prepared(batch.batch_id, threads=batch.threads)
@@ -242,7 +202,7 @@ class _Worker:
             if self._take_cancelled(item.request_id):
                 prepared.skipped += 1
             else:
-                by_model.setdefault(self._model_of(item.options), []).append(item)
+                by_model.setdefault(self.models.model_of(item.options), []).append(item)
         for model_name, todo in by_model.items():
             pipeline = self._ensure_pipeline(model_name)
             if isinstance(pipeline, InferenceError):
@@ -321,21 +281,14 @@ class _Worker:
             self.cancelled = {request_id for request_id in self.cancelled if request_id > newest}
 
     def _chunks(self, job: _Prepared) -> list[tuple[Any, list[tuple[int, Any, dict[str, Any]]]]]:
-        """Which inputs go through which model together: (pipeline, inputs), one model per chunk.
-
-        Equal shapes are stacked when the pipeline says its inputs are all one size (the
-        classifier's crops) or on a GPU.  Size-dependent models (CycleGAN at the photo's aspect
-        ratio, the captioner) run one input at a time on the CPU: batching gains them nothing
-        there (the generator at 256×256 on 2 cores: 316 ms per image alone, 341 ms in a batch
-        of 4, even with `keep_freed_memory`), and each result goes back as soon as it exists
-        instead of waiting for the rest of the batch.
-        """
+        """Which inputs go through which model together: (pipeline, inputs), one model per chunk;
+        equal shapes stacked where `ModelShelf.stacks` says so, else one input at a time."""
         chunks: list[tuple[Any, list[tuple[int, Any, dict[str, Any]]]]] = []
         groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, Any, dict[str, Any]]]] = {}
         for entry in job.ready:
-            model_name = self._model_of(entry[2])
+            model_name = self.models.model_of(entry[2])
             pipeline = job.pipelines[model_name]
-            if pipeline.fixed_input_size or self.device_type == "cuda":
+            if self.models.stacks(pipeline):
                 groups.setdefault((model_name, tuple(entry[1].shape)), []).append(entry)
             else:
                 chunks.append((pipeline, [entry]))

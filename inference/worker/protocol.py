@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import Settings
 from inference.errors import InferenceError
 from inference.tasks import get_task
+
+if TYPE_CHECKING:
+    from inference.images import ImageLimits
 
 # --- the worker's configuration --------------------------------------------------------------
 
@@ -68,6 +71,17 @@ class WorkerConfig:
             zebra_size=settings.zebra_size,
             caption_size=settings.caption_size,
             caption_beam=settings.caption_beam,
+        )
+
+    def image_limits(self) -> ImageLimits:
+        """The decoder's limits (`inference.images.decode_image`)."""
+        from inference.images import ImageLimits  # Pillow: only where images are decoded
+
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_aspect_ratio=self.max_image_aspect_ratio,
+            max_jpeg_scans=self.max_jpeg_scans,
         )
 
     def loader_settings(self) -> Settings:
