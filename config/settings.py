@@ -89,6 +89,11 @@ class Settings:
     max_image_aspect_ratio: float = 50.0
     #: JPEGs with more scans are refused before decoding: each scan is a pass over the image.
     max_jpeg_scans: int = 100
+    #: Per worker: memory its decoding may hold at once, in MB (what decoding and converting to
+    #: RGB costs, estimated from the header).  An image that alone would need more is refused
+    #: before decoding; images of a batch decode side by side only while they fit together.
+    #: 0: no limit.  A worker's memory ceiling counts this on top of its model's needs.
+    decode_memory_mb: int = 256
 
     # --- Runtime and backend ---------------------------------------------------------------
     #: "auto": ONNX Runtime for each model whose export passes its parity check, PyTorch
@@ -126,13 +131,13 @@ class Settings:
     #: Seconds a worker may take to start and load its model (a first download included)
     #: before it is killed and the requests waiting for it fail.
     model_load_timeout_s: float = 300.0
-    #: Per task: the worker's resident memory ceiling in MB (0: none).  The service kills
-    #: and restarts a worker past it.  Measured on the CPU (2 torch threads), peak with the
-    #: model loaded and a batch of legal 49-megapixel PNGs: classify 2.0 GB (8 at once),
-    #: zebra 1.2 GB, caption 1.4 GB; a GPU worker's CUDA libraries need more.
-    classify_max_memory_mb: int = 3072
-    zebra_max_memory_mb: int = 2048
-    caption_max_memory_mb: int = 2560
+    #: Per task: the worker's resident memory ceiling in MB; the service kills and restarts a
+    #: worker past it.  None ("auto", the default): what the loaded model was measured to need
+    #: at its largest input, plus DECODE_MEMORY_MB, plus headroom
+    #: (`inference.service.ceilings`); 0: none; a number: that many MB.
+    classify_max_memory_mb: int | None = None
+    zebra_max_memory_mb: int | None = None
+    caption_max_memory_mb: int | None = None
 
     @classmethod
     def from_env(
@@ -183,6 +188,9 @@ class Settings:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)!r} must be one of: {', '.join(allowed)}")
         if self.cpu_cores < 0:
             raise SettingsError(f"CPU_CORES={self.cpu_cores} must be 0 (every core) or more")
+        for name in ("decode_memory_mb", "classify_max_memory_mb", "zebra_max_memory_mb", "caption_max_memory_mb"):
+            if (getattr(self, name) or 0) < 0:
+                raise SettingsError(f"{name.upper()}={getattr(self, name)} must be 0 (no limit) or more")
         for name in ("max_jpeg_scans", "classify_queue_size", "zebra_queue_size", "caption_queue_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()}={getattr(self, name)} must be at least 1")
@@ -214,6 +222,8 @@ def _parse(variable: str, raw: str, type_name: Any) -> Any:
             raise ValueError(raw)
         if kind == "int":
             return int(raw)
+        if kind == "int | None":  # a number, or "auto" for the computed default
+            return None if raw.lower() == "auto" else int(raw)
         if kind == "float":
             return float(raw)
         if kind in ("Path", "Path | None"):

@@ -6,6 +6,10 @@ from a file name or URL), limits on bytes and on pixels are checked *before* any
 Pillow can produce is turned into plain 8-bit RGB.  Anything else is an `InvalidImage` with a
 message fit to show the person who sent it.
 
+`decode_image` is two steps, which a worker takes apart (`inference.worker.decoding`):
+`open_image` reads and checks the header and estimates what decoding will hold in memory
+(`decode_cost`, refused past `ImageLimits.max_decode_bytes`); `OpenedImage.decode` decodes.
+
 A header is checked against more than its pixel count: what a decoder will spend is bounded by
 the image, not by what its structures declare.  The long side may be at most `max_aspect_ratio`
 times the short side; a JPEG may have at most `max_jpeg_scans` scans (libjpeg walks every block
@@ -21,14 +25,19 @@ from __future__ import annotations
 
 import io
 import math
-import re
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import Settings
+from inference.decode_cost import CONVERSION_ROWS, decode_cost, header_orientation
 from inference.errors import InvalidImage
+from inference.image_checks import check_jpeg_scans, check_tiff_layout
+
 
 #: Formats we accept, as Pillow's openers name them.  The JPEG opener also reads MPO, what many
 #: phone cameras write (a JPEG with extra frames); only the first frame of any file is used.
@@ -38,13 +47,6 @@ _FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 #: Transparent pixels are shown on white, as a chat client shows them.
 _BACKGROUND = (255, 255, 255)
 
-
-#: A TIFF tile side may exceed the image's side rounded up to the 16-pixel grid the format asks
-#: of tiles, but only up to this: small images tiled at 256, 512 or 1024 are common and cheap.
-_TIFF_TILE_ALLOWANCE = 1024
-
-#: Rows of a high-bit-depth image converted at once: bounds the float32 working copy.
-_CONVERSION_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class ImageLimits:
     #: Start-of-scan markers a JPEG may have.  Real encoders write 1 (baseline), about 10
     #: (libjpeg's progressive script) or a few dozen at most (mozjpeg, Photoshop).
     max_jpeg_scans: int = Settings.max_jpeg_scans
+    #: What decoding one image may hold in memory at its peak (`decode_cost`); 0: no limit.
+    #: A worker also decodes a batch's images side by side only while they fit in it together.
+    max_decode_bytes: int = Settings.decode_memory_mb * 1024 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageLimits:
@@ -67,7 +72,32 @@ class ImageLimits:
             max_pixels=settings.max_image_pixels,
             max_aspect_ratio=settings.max_image_aspect_ratio,
             max_jpeg_scans=settings.max_jpeg_scans,
+            max_decode_bytes=settings.decode_memory_mb * 1024 * 1024,
         )
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image whose header passed every check and whose pixels are not decoded yet."""
+
+    image: Image.Image
+    #: What `decode` will hold in memory at its peak (`decode_cost`).
+    decode_bytes: int
+    #: The header's EXIF orientation asks for a turn or a flip (counted in `decode_bytes`).
+    transpose: bool
+
+    def decode(self) -> Image.Image:
+        """The pixels, turned upright and in 8-bit RGB, or `InvalidImage`."""
+        with _decode_errors():
+            image = self.image
+            image.load()
+            if self.transpose:
+                # In place: the upright copy replaces the decoded pixels instead of joining them.
+                ImageOps.exif_transpose(image, in_place=True)
+            rgb = to_rgb(image)
+            # An RGB image comes back as the opened file itself: hand out a plain image over the
+            # same pixels, so that the opener's state (a WebP decoder's canvas) can go.
+            return rgb._new(rgb.im) if rgb is image else rgb
 
 
 def decode_image(
@@ -81,6 +111,19 @@ def decode_image(
     `draft_size` is the smallest (width, height) the caller needs.  For JPEG, Pillow's draft mode
     then decodes at 1/2, 1/4 or 1/8 scale while staying at least that large: for a 12-megapixel
     phone photo feeding a 224-pixel classifier that is several times faster than a full decode.
+    """
+    return open_image(data, limits, draft_size=draft_size).decode()
+
+
+def open_image(
+    data: bytes,
+    limits: ImageLimits = ImageLimits(),
+    *,
+    draft_size: tuple[int, int] | None = None,
+) -> OpenedImage:
+    """Read and check the header of untrusted bytes (no pixel is decoded), or raise `InvalidImage`.
+
+    `draft_size` as for `decode_image`: the draft only sets the JPEG decoder's scale.
     """
     if not data:
         raise InvalidImage("That file is empty.")
@@ -112,19 +155,32 @@ def decode_image(
             f"That image is {width}×{height} pixels: too thin to use "
             f"(its long side may be at most {limits.max_aspect_ratio:g} times its short side)."
         )
+    jpeg_scans = None
     if image.format in ("JPEG", "MPO"):
-        _check_jpeg_scans(data, limits.max_jpeg_scans)
+        jpeg_scans = check_jpeg_scans(data, limits.max_jpeg_scans)
     elif image.format == "TIFF":
-        _check_tiff_layout(image, len(data))
+        check_tiff_layout(image, len(data))
 
     # Pillow's openers stop at the first frame of an animation (GIF, WebP, APNG, multi-page
     # TIFF, MPO) and nothing here seeks further: later frames are never decoded.
-    try:
+    with _decode_errors():
         if draft_size is not None and image.format in ("JPEG", "MPO"):
             image.draft(None, _draft_request(draft_size))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        transpose = header_orientation(image) != 1
+        cost = decode_cost(image, jpeg_scans=jpeg_scans)
+    if 0 < limits.max_decode_bytes < cost:
+        raise InvalidImage(
+            f"That image would take about {_round_megabytes(cost)} of memory to decode; this bot decodes "
+            f"at most {_round_megabytes(limits.max_decode_bytes)} at a time (a JPEG, or a smaller image, will do)."
+        )
+    return OpenedImage(image, cost, transpose)
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Whatever Pillow raises while decoding → `InvalidImage` with a line for the sender."""
+    try:
+        yield
     except InvalidImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -144,11 +200,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         has_alpha = "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("PA", "RGBa", "La"):  # a palette, or colours multiplied by their alpha
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        return _on_white(image)
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """RGBA or LA flattened onto white: a white RGB canvas, the image pasted through its own
+    alpha.  It holds the image and one RGB copy (an RGBA background and `alpha_composite` held
+    five full-size copies); the result is the same within one level of a channel."""
+    canvas = Image.new("RGB", image.size, _BACKGROUND)
+    canvas.paste(image, mask=image)
+    return canvas
 
 
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
@@ -167,8 +232,8 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
             top = 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
     width, height = image.size
     gray = np.empty((height, width), dtype=np.uint8)
-    for top_row in range(0, height, _CONVERSION_ROWS):
-        rows = image.crop((0, top_row, width, min(height, top_row + _CONVERSION_ROWS)))
+    for top_row in range(0, height, CONVERSION_ROWS):
+        rows = image.crop((0, top_row, width, min(height, top_row + CONVERSION_ROWS)))
         band = np.array(rows, dtype=np.float32)  # a writable copy of the band, whatever the mode
         np.nan_to_num(band, copy=False, nan=0.0, posinf=top, neginf=0.0)
         band *= 255.0 / top
@@ -176,84 +241,6 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
         np.clip(band, 0.0, 255.0, out=band)
         gray[top_row : top_row + band.shape[0]] = band
     return Image.fromarray(gray).convert("RGB")  # uint8, 2-D: mode "L"
-
-
-# --- structures that declare more than the image needs ----------------------------------------
-
-#: A marker: 0xFF then a code that is not a stuffed zero (0x00), a fill byte (0xFF) or a restart
-#: marker (RST0–7, which sit inside entropy-coded data).
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
-_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
-#: Markers without a length field besides RSTn (which the pattern skips): TEM and SOI.
-_JPEG_STANDALONE = (0x01, 0xD8)
-
-
-def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
-    """Start-of-scan markers of the first image in a JPEG, counted from the markers alone.
-
-    Segments are skipped by their length (an EXIF thumbnail holds markers of its own); after a
-    scan's header, the entropy-coded data is searched for the next marker.  Counting stops at the
-    first EOI (an MPO's further frames follow it) or once the count passes `stop_after`.  No
-    pixel is decoded: a 25 MB file takes milliseconds.
-    """
-    scans = 0
-    position = 2  # after SOI
-    while (match := _JPEG_MARKER.search(data, position)) is not None:
-        marker = data[match.start() + 1]
-        position = match.end()
-        if marker == _JPEG_EOI:
-            break
-        if marker in _JPEG_STANDALONE:
-            continue
-        if marker == _JPEG_SOS:
-            scans += 1
-            if stop_after is not None and scans > stop_after:
-                break
-        if position + 2 > len(data):
-            break
-        position += int.from_bytes(data[position : position + 2], "big")
-    return scans
-
-
-def _check_jpeg_scans(data: bytes, max_scans: int) -> None:
-    # libjpeg walks every block of the image once per scan, so a progressive JPEG of a few MB
-    # with tens of thousands of empty scans takes minutes to decode (libjpeg-turbo's own djpeg
-    # has -maxscans for this).  Count them first, the way djpeg would refuse them.
-    if count_jpeg_scans(data, stop_after=max_scans) > max_scans:
-        raise InvalidImage(
-            f"That JPEG has more than {max_scans} scans, far more than any camera or editor writes; "
-            "it looks built to be slow to decode."
-        )
-
-
-def _check_tiff_layout(image: Image.Image, file_size: int) -> None:
-    """Tiles and strips against the image and the file, from the tags Pillow has parsed.
-
-    libtiff allocates a whole tile before reading it: a 16×16 image declaring a 46336×46336 tile
-    costs gigabytes.  A tile side may exceed the image side only up to the 16-pixel grid TIFF
-    asks of tiles, or up to 1024 pixels for small images.  Strips cannot: libtiff bounds a strip
-    by the image's height (RowsPerStrip may be "infinite" by the spec).
-    """
-    tags = image.tag_v2
-    width, height = image.size
-    tile_width, tile_height = tags.get(322), tags.get(323)  # TileWidth, TileLength
-    if tile_width is not None or tile_height is not None:
-        for tile_side, side in ((tile_width or 0, width), (tile_height or 0, height)):
-            if tile_side > max(-(-side // 16) * 16, _TIFF_TILE_ALLOWANCE):
-                raise InvalidImage(
-                    f"That TIFF is {width}×{height} pixels but declares tiles of "
-                    f"{tile_width}×{tile_height}: refused before decoding."
-                )
-    # StripOffsets/StripByteCounts, or TileOffsets/TileByteCounts: no data past the end.
-    offsets = tags.get(273) or tags.get(324) or ()
-    byte_counts = tags.get(279) or tags.get(325) or ()
-    for offset, byte_count in zip(_as_tuple(offsets), _as_tuple(byte_counts)):
-        if offset + byte_count > file_size:
-            raise InvalidImage("That TIFF declares more image data than the file holds: it is truncated or corrupt.")
-
-
-def _as_tuple(value) -> tuple[int, ...]:
-    return value if isinstance(value, tuple) else (value,)
 
 
 # --- preprocessing, bounded by the output ------------------------------------------------------
@@ -322,3 +309,8 @@ def encode_png(image: Image.Image) -> bytes:
 
 def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _round_megabytes(size: int) -> str:
+    megabytes = size / (1024 * 1024)
+    return f"{megabytes:.0f} MB" if megabytes >= 10 else f"{megabytes:.1f} MB"

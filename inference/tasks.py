@@ -60,9 +60,14 @@ class TaskSpec:
     #: whole batch).  On a GPU every task batches.
     batches_on_cpu: bool
     batches_on_gpu: bool
-    #: Settings fields: the task's queue limit and its worker's memory ceiling (MB, 0: none).
+    #: Settings fields: the task's queue limit and its worker's memory ceiling (MB, 0: none,
+    #: None: computed, `inference.service.ceilings`).
     queue_limit_setting: str
     memory_limit_setting: str
+    #: The ceiling (MB) where the worker's need is not measured: peak seen on the CPU with torch
+    #: (2 threads), the model loaded and a batch of legal 49-megapixel PNGs decoded at once
+    #: (classify 2.0 GB with eight, zebra 1.2 GB, caption 1.4 GB), with room to spare.
+    fallback_memory_mb: int
     #: The words the bot shows for it.
     title: str
     description: str
@@ -120,8 +125,10 @@ class TaskSpec:
     def queue_limit(self, settings: Settings) -> int:
         return int(getattr(settings, self.queue_limit_setting))
 
-    def memory_limit_mb(self, settings: Settings) -> int:
-        return int(getattr(settings, self.memory_limit_setting))
+    def memory_limit_mb(self, settings: Settings) -> int | None:
+        """The configured ceiling in MB (0: none); None: "auto", computed from the worker's need."""
+        value = getattr(settings, self.memory_limit_setting)
+        return None if value is None else int(value)
 
 
 #: How many classes `classify` answers with unless asked otherwise: the book's top 5.
@@ -136,6 +143,7 @@ CLASSIFY = TaskSpec(
     batches_on_gpu=True,
     queue_limit_setting="classify_queue_size",
     memory_limit_setting="classify_max_memory_mb",
+    fallback_memory_mb=3072,
     title="classify",
     description=f"Say what is in a photo: the top {DEFAULT_TOP} ImageNet classes.",
     heavy=False,
@@ -150,6 +158,7 @@ ZEBRA = TaskSpec(
     batches_on_gpu=True,
     queue_limit_setting="zebra_queue_size",
     memory_limit_setting="zebra_max_memory_mb",
+    fallback_memory_mb=2048,
     title="zebra",
     description="Turn the horses of a photo into zebras (CycleGAN).",
     heavy=True,
@@ -164,6 +173,7 @@ CAPTION = TaskSpec(
     batches_on_gpu=True,
     queue_limit_setting="caption_queue_size",
     memory_limit_setting="caption_max_memory_mb",
+    fallback_memory_mb=2560,
     title="caption",
     description="Describe a photo in one sentence.",
     heavy=True,

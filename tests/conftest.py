@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageFile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The sample photos that ship with the package (`inference/samples/`).
@@ -51,3 +52,17 @@ def user_cache_dir(tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(folder))
         yield folder
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[Image.Image]:
+    """Every image whose pixels Pillow starts to decode (all openers' `load` is ImageFile's)."""
+    calls: list[Image.Image] = []
+    original = ImageFile.ImageFile.load
+
+    def spy(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return calls

@@ -20,11 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import GifImagePlugin, Image, ImageFile
+from PIL import GifImagePlugin, Image
 
 from config import Settings
 from inference.errors import InvalidImage
-from inference.images import ImageLimits, count_jpeg_scans, decode_image, resize_center_crop, to_rgb
+from inference.image_checks import count_jpeg_scans
+from inference.images import ImageLimits, decode_image, resize_center_crop, to_rgb
 from inference.models.captioner import CaptionPipeline
 from inference.models.classifier import CenterCropPreprocessing
 from inference.models.cyclegan import ZebraPipeline
@@ -42,20 +43,6 @@ from tests.hostile_images import (
 #: No limit on the aspect ratio: the preprocessing alone must then keep thin images cheap.
 NO_ASPECT_LIMIT = ImageLimits(max_aspect_ratio=float("inf"))
 THIN_SIZES = [(1, 20000), (20000, 1), (9000, 2)]
-
-
-@pytest.fixture
-def loads(monkeypatch) -> list[Image.Image]:
-    """Every image whose pixels Pillow starts to decode (all openers' `load` is ImageFile's)."""
-    calls: list[Image.Image] = []
-    original = ImageFile.ImageFile.load
-
-    def spy(self):
-        calls.append(self)
-        return original(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
-    return calls
 
 
 @pytest.fixture

@@ -56,6 +56,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "below the models",
         (
             "inference.images",
+            "inference.image_checks",
+            "inference.decode_cost",
             "inference.presets",
             "inference.weights",
             "inference.catalogue",

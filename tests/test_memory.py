@@ -13,6 +13,7 @@ import pytest
 from inference import cli
 from inference.memory import pss_bytes
 from tests.conftest import IMAGES
+from tests.runtime_fixtures import exported_cache  # noqa: F401 (a fixture)
 
 
 def test_pss_is_read_from_proc() -> None:
@@ -64,3 +65,31 @@ def test_memory_command_says_which_model_cannot_load(
     monkeypatch.chdir(tmp_path)
     assert cli.main(["memory", "--weights-dir", str(tmp_path / "empty"), "--images", str(IMAGES)]) == 1
     assert "zebra model did not load" in capsys.readouterr().err
+
+
+def test_with_onnx_runtime_every_worker_stays_under_its_ceiling_at_the_largest_legal_image(
+    exported_cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = exported_cache.settings
+    environment = {
+        "DEVICE": "cpu", "CPU_CORES": "1", "ZEBRA_SIZE": str(settings.zebra_size),
+        "CAPTION_SIZE": str(settings.caption_size), "MAX_BATCH_SIZE": str(settings.max_batch_size),
+        "DECODE_MEMORY_MB": "32",  # the largest legal image: a 4:1 PNG of about 8 megapixels
+    }
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(IMAGES / "bobby.jpg", tmp_path / "bobby.jpg")
+    argv = ["memory", "--weights-dir", str(settings.weights_dir), "--runtime", "onnx", "--burst", "2"]
+
+    assert cli.main([*argv, "--images", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    assert report["burst_errors"] == {"classify": 0, "zebra": 0, "caption": 0}  # none killed or refused
+    for worker in report["workers"]:
+        assert worker["runtime"] == "onnx"
+        # The need was measured and reported, the ceiling follows it (+ 32 MB to decode + headroom),
+        # and the burst's peak stayed under it.
+        assert worker["need_mb"] > 50, worker
+        assert worker["need_mb"] + 32 < worker["ceiling_mb"] < worker["need_mb"] * 1.25 + 32 + 65, worker
+        assert 0 < worker["peak_rss_mb"] < worker["ceiling_mb"], worker

@@ -134,16 +134,16 @@ def test_a_damaged_cached_export_is_refused_and_rebuilt(zebra_settings, damage, 
     assert "refusing a cached ONNX export" in caplog.records[0].getMessage()
 
 
-def test_changed_weights_are_exported_under_a_new_key(zebra_settings):
+def test_changed_weights_are_exported_under_a_new_key_and_the_stale_export_goes(zebra_settings):
     (old,) = _zebra_keys(zebra_settings)
+    old_model = (old / "model.onnx").read_bytes()
     generator = zebra_settings.weights_dir / "cyclegan" / "horse2zebra_0.4.0.pth"
     write_cyclegan_checkpoint(generator, seed=6)
     assert load_for_worker("zebra", "horse2zebra", zebra_settings, "cpu", 1, timing_runs=1).runtime == "onnx"
-    keys = _zebra_keys(zebra_settings)
-    assert len(keys) == 2 and old in keys
-    (new,) = [key for key in keys if key != old]
+    (new,) = _zebra_keys(zebra_settings)  # the old key's export is gone: nothing would read it
+    assert new != old and not old.exists()
     assert new.name == cache.cache_key([generator])
-    assert (new / "model.onnx").read_bytes() != (old / "model.onnx").read_bytes()
+    assert (new / "model.onnx").read_bytes() != old_model
 
 
 # --- the runtime rules -------------------------------------------------------------------------
@@ -302,3 +302,13 @@ def test_missing_weights_are_the_stores_one_line_and_start_no_export(tmp_path, m
     with pytest.raises(WeightsMissing, match="python -m inference weights download horse2zebra"):
         load_for_worker("zebra", "horse2zebra", runtime_settings(tmp_path, inference_runtime=runtime), "cpu", 1)
     assert not (tmp_path / "onnx").exists()  # no child ever started a staging directory
+
+
+def test_eager_and_onnx_runtime_are_timed_in_turns():
+    from inference.runtime.parity import paired_medians_ms
+
+    calls: list[str] = []
+    eager_ms, onnx_ms = paired_medians_ms(lambda: calls.append("eager"), lambda: calls.append("onnx"), 3)
+    # One untimed run each, then three timed pairs: whatever drifts meanwhile weighs on both.
+    assert calls == ["eager", "onnx"] * 4
+    assert eager_ms >= 0 and onnx_ms >= 0

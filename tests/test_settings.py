@@ -31,11 +31,20 @@ def test_a_retired_variable_is_named_with_its_replacement(tmp_path: Path) -> Non
         ("MAX_IMAGE_ASPECT_RATIO", "nan", "would refuse every image"),
         ("MAX_JPEG_SCANS", "0", "MAX_JPEG_SCANS=0 must be at least 1"),
         ("ZEBRA_QUEUE_SIZE", "0", "ZEBRA_QUEUE_SIZE=0 must be at least 1"),
+        ("DECODE_MEMORY_MB", "-1", "DECODE_MEMORY_MB=-1 must be 0"),
+        ("CAPTION_MAX_MEMORY_MB", "-5", "CAPTION_MAX_MEMORY_MB=-5 must be 0"),
+        ("ZEBRA_MAX_MEMORY_MB", "lots", "ZEBRA_MAX_MEMORY_MB='lots' is not a valid int"),
     ],
 )
 def test_values_that_would_refuse_everything_are_refused_at_start(variable: str, value: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({variable: value}, env_file=None)
+
+
+def test_a_memory_ceiling_is_a_number_of_megabytes_or_auto() -> None:
+    settings = Settings.from_env({"ZEBRA_MAX_MEMORY_MB": "900", "CAPTION_MAX_MEMORY_MB": "AUTO"}, env_file=None)
+    assert (settings.classify_max_memory_mb, settings.zebra_max_memory_mb, settings.caption_max_memory_mb) == (None, 900, None)
+    assert Settings.from_env({"CLASSIFY_MAX_MEMORY_MB": "0"}, env_file=None).classify_max_memory_mb == 0  # none
 
 
 def test_an_unbounded_aspect_ratio_is_allowed() -> None:

@@ -156,3 +156,31 @@ async def test_warm_up_waits_for_the_load_to_settle(state: str) -> None:
     assert not warming.done() and sent == []  # loading already: no second Load
     supervisor._on_message(worker, StateChanged(state))  # type: ignore[arg-type]
     await asyncio.wait_for(warming, 1)
+
+
+async def test_the_default_ceiling_follows_what_the_worker_says_it_needs() -> None:
+    # DECODE_MEMORY_MB=100: the need (400 MB) + 100 + a quarter of the need as headroom = 600 MB.
+    supervisor, worker, lane = supervised(rss_mb=550, decode_memory_mb=100)
+    assert supervisor.memory_ceiling_mb() == get_task("classify").fallback_memory_mb  # nothing said yet
+    supervisor._on_message(worker, StateChanged("ready", model="efficientnet_lite0", memory_need=400 * MB))  # type: ignore[arg-type]
+    assert supervisor.memory_ceiling_mb() == 600
+    assert supervisor.judge(worker) is None  # type: ignore[arg-type]
+    worker.rss_mb = 650
+    kill = supervisor.judge(worker)  # type: ignore[arg-type]
+    assert kill is not None and "650 MB" in str(kill.error) and "600 MB" in str(kill.error)
+
+
+async def test_a_model_loading_beside_the_first_is_held_to_the_fixed_ceiling_until_it_reports() -> None:
+    supervisor, worker, lane = supervised(rss_mb=700, decode_memory_mb=100)
+    supervisor._on_message(worker, StateChanged("ready", model="efficientnet_lite0", memory_need=400 * MB))  # type: ignore[arg-type]
+    supervisor._on_message(worker, StateChanged("loading"))  # type: ignore[arg-type]  # a second model (a style)
+    assert supervisor.judge(worker) is None  # type: ignore[arg-type]  # 700 MB: over 600, under the fixed one
+    supervisor._on_message(worker, StateChanged("ready", memory_need=560 * MB))  # type: ignore[arg-type]
+    assert supervisor.memory_ceiling_mb() == 800 and supervisor.judge(worker) is None  # type: ignore[arg-type]
+
+
+async def test_a_configured_ceiling_wins_over_the_measured_need() -> None:
+    supervisor, worker, lane = supervised(rss_mb=700, classify_max_memory_mb=650)
+    supervisor._on_message(worker, StateChanged("ready", model="efficientnet_lite0", memory_need=100 * MB))  # type: ignore[arg-type]
+    assert supervisor.memory_ceiling_mb() == 650
+    assert supervisor.judge(worker) is not None  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from config import Settings
 from inference.errors import InvalidImage
+from inference.worker.decoding import DecodeBudget
 from inference.worker.process import _Worker
 from inference.worker.protocol import (
     Batch,
@@ -89,7 +90,7 @@ def worker_for() -> Iterator[Any]:
     running: list[RunningWorker] = []
 
     def start(**changes: Any) -> RunningWorker:
-        settings = Settings(device="cpu", cpu_cores=1, **changes)
+        settings = Settings(**{"device": "cpu", "cpu_cores": 1, **changes})
         running.append(RunningWorker(WorkerConfig.from_settings("classify", settings)))
         return running[-1]
 
@@ -140,3 +141,40 @@ def test_one_undecodable_image_fails_alone(worker_for: Any) -> None:
     worker.send(Batch(1, [WorkItem(1, b"not an image", {"tag": 1}), WorkItem(2, png((8, 8)), {"tag": 2})]))
     results = outcomes(list(worker.results_of(1)))
     assert isinstance(results[1], InvalidImage) and results[2] == "answer 2"
+
+
+class PeakBudget(DecodeBudget):
+    """A decode budget that remembers the most it ever held."""
+
+    def __init__(self, total_bytes: int) -> None:
+        super().__init__(total_bytes)
+        self.peak = 0
+
+    def acquire(self, size: int) -> None:
+        super().acquire(size)
+        self.peak = max(self.peak, self.held)
+
+
+def test_an_image_over_the_decode_budget_fails_alone(worker_for: Any) -> None:
+    worker = worker_for(decode_memory_mb=1, cpu_cores=4)  # an RGB image: 4 bytes a pixel
+    big, small = png((600, 600)), png((300, 300))  # 1.4 MB and 0.34 MB decoded
+    worker.send(Batch(1, [WorkItem(1, small, {"tag": 1}), WorkItem(2, big, {"tag": 2}), WorkItem(3, small, {"tag": 3})]))
+    results = outcomes(list(worker.results_of(1)))
+    assert results[1] == "answer 1" and results[3] == "answer 3"
+    assert isinstance(results[2], InvalidImage) and str(results[2]) == (
+        "That image would take about 1.4 MB of memory to decode; this bot decodes at most 1.0 MB at a time "
+        "(a JPEG, or a smaller image, will do)."
+    )
+    assert worker.pipeline.seen == [1, 3]
+
+
+def test_images_that_fit_the_budget_one_by_one_but_not_together_all_decode(worker_for: Any) -> None:
+    worker = worker_for(decode_memory_mb=1, cpu_cores=4)
+    budget = worker.worker.decode_budget = PeakBudget(worker.worker.decode_budget.total_bytes)
+    # 1.0 MB first, then 0.64 MB each: no two fit together, and the first may wait for any other.
+    images = [png((500, 500))] + [png((400, 400))] * 7
+    for batch_id in (1, 2, 3):
+        worker.send(Batch(batch_id, [WorkItem(i, image, {"tag": i}) for i, image in enumerate(images)]))
+        assert outcomes(list(worker.results_of(batch_id))) == {i: f"answer {i}" for i in range(8)}
+    assert budget.peak <= 1024 * 1024 and budget.held == 0
+    assert worker.pipeline.seen == list(range(8)) * 3  # the batch's order, however they finished

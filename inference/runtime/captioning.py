@@ -143,7 +143,7 @@ class OnnxCaptionPipeline:
         self.beam = int(beam or decoding["beam"])
         #: Word index → word; index i + 1 is `vocabulary[i]` (0 is the end token).
         self.vocab = {index: word for index, word in enumerate(sidecar["vocabulary"], start=1)}
-        self.encoder = ThreadedSession(export.path("encoder"), threads)
+        self.encoder = ThreadedSession(export.path("encoder"), threads, shrink_above=0)  # see ThreadedSession
         embeddings = np.load(export.path("embeddings"), allow_pickle=False)
         self.decoder = NumpyCaptionDecoder(
             ThreadedSession(export.path("step"), threads),

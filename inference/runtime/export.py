@@ -62,6 +62,7 @@ def export_model(task: str, model_name: str, settings: Settings, *, threads: int
         }
         sidecar |= WRITERS[task](pipeline, staging)
         sidecar["export_s"] = round(time.perf_counter() - started, 2)
+        sidecar["working_memory"] = working_memory(task, pipeline, cache.CachedExport(staging, sidecar), settings, threads)
         sidecar |= check_parity(task, pipeline, cache.CachedExport(staging, sidecar), settings, threads, timing_runs)
         cache.write_json(staging / cache.SIDECAR, sidecar)
         target = cache.publish(staging, cache.model_dir(settings, model_name) / key)
@@ -70,7 +71,27 @@ def export_model(task: str, model_name: str, settings: Settings, *, threads: int
         raise
     if cache.known_weights_files(entry, settings) is None:
         cache.record_weights_files(settings, model_name, files)
+    cache.prune_stale(target)
     return target
+
+
+def working_memory(task: str, torch_pipeline: Any, export: cache.CachedExport, settings: Settings, threads: int) -> dict[str, Any]:
+    """Each runtime's peak memory over its largest input (`inference.runtime.needs`).
+
+    ONNX Runtime first, before anything else here has run it: its arena is one per process and
+    keeps what it grew, so a later measurement would see only the growth past parity's runs.
+    The freed heap goes back to the system before each, so the starting point is what is held.
+    """
+    from inference.runtime.loader import build_onnx_pipeline
+    from inference.runtime.needs import measure_working_memory
+    from inference.runtime.sessions import release_freed_heap
+
+    onnx_pipeline = build_onnx_pipeline(task, export, settings, threads)
+    onnx = measure_working_memory(onnx_pipeline, task, settings, before=release_freed_heap)
+    del onnx_pipeline
+    with torch.inference_mode():
+        eager = measure_working_memory(torch_pipeline, task, settings, before=release_freed_heap)
+    return {"onnx": onnx.to_json(), "torch": eager.to_json()}
 
 
 def weights_files(entry: ModelEntry, settings: Settings) -> list[Path]:

@@ -37,6 +37,7 @@ from inference.errors import ModelUnavailable
 from inference.presets import CAPTION, CYCLEGAN
 from inference.registry import get_model, list_models
 from inference.runtime import cache
+from inference.runtime.needs import WorkingMemory
 from inference.weights import WeightsStore
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class LoadedPipeline:
     device: str
     #: Why this runtime, in one line (for the worker's log and the bot's status).
     reason: str
+    #: What running it takes on top of the loaded model, as the export measured it (None:
+    #: not measured: INFERENCE_RUNTIME=torch, CUDA, Torch Hub models).
+    working_memory: WorkingMemory | None = None
 
 
 class ExportFailed(Exception):
@@ -97,9 +101,11 @@ def load_for_worker(
             return _fallback(task, model_name, settings, device_spec, "the ONNX export failed its parity check")
         logger.warning("%s: running ONNX Runtime although its export failed the parity check", model_name)
     elif runtime == "auto" and ratio > SLOWER_ALLOWED:
-        return load_torch(task, model_name, settings, device_spec, f"eager is faster ({timing})")
+        loaded = load_torch(task, model_name, settings, device_spec, f"eager is faster ({timing})")
+        return replace(loaded, working_memory=export.working_memory("torch"))
     pipeline = build_onnx_pipeline(task, export, settings, threads)
-    return LoadedPipeline(pipeline, "onnx", "cpu", f"INFERENCE_RUNTIME={runtime}: ONNX Runtime ({timing})")
+    reason = f"INFERENCE_RUNTIME={runtime}: ONNX Runtime ({timing})"
+    return LoadedPipeline(pipeline, "onnx", "cpu", reason, export.working_memory("onnx"))
 
 
 def ensure_weights(task: str, model_name: str, settings: Settings) -> None:

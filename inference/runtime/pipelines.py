@@ -112,7 +112,8 @@ class OnnxZebraPipeline:
                 f"size must be a multiple of {self.recipe['multiple']} and at least {self.recipe['min_side']}, "
                 f"not {self.size}"
             )
-        self.generator = ThreadedSession(export.path("model"), threads)
+        # Photos beyond the usual square give back what they grew (`ThreadedSession`).
+        self.generator = ThreadedSession(export.path("model"), threads, shrink_above=3 * self.size * self.size)
         self._normalize = normalization(self.recipe)
         self._resample = resample(self.recipe)
         self.draft_size: tuple[int, int] | None = (self.size, self.size)

@@ -305,6 +305,8 @@ class TaskLane(Lane):
             worker_startup_s=supervisor.startup_s,
             worker_memory_mb=None if supervisor.memory_bytes is None else supervisor.memory_bytes / _MB,
             worker_peak_memory_mb=supervisor.peak_memory_bytes / _MB if supervisor.peak_memory_bytes else None,
+            worker_memory_need_mb=None if supervisor.memory_need_bytes is None else supervisor.memory_need_bytes / _MB,
+            worker_memory_ceiling_mb=supervisor.memory_ceiling_mb(),
         )
 
 

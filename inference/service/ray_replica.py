@@ -2,9 +2,9 @@
 
 A replica does what a local worker process does (`inference.worker.process`): it loads and keeps
 the task's models by the same rules (`inference.worker.models.ModelShelf`, from a `WorkerConfig`:
-plain values, never the Discord token), decodes with `inference.images.decode_image` and the same
-limits, preprocesses, runs the model on the batch and answers each request on its own: one
-image that cannot be decoded fails only its own request, as the same `InferenceError` type.
+plain values, never the Discord token), decodes and preprocesses with the same limits and decode
+budget (`inference.worker.decoding`), runs the model on the batch and answers each request on its
+own: one image that cannot be decoded fails only its own request, as the same `InferenceError`.
 
 Each request is a stream of two items: `STARTED` when its batch is taken up (so the client
 knows what still waits: positions, `Busy`, what `close()` may drop), then its `Outcome`.
@@ -29,6 +29,7 @@ from ray import serve
 
 from inference.errors import InferenceError
 from inference.service.types import ModelState
+from inference.worker.decoding import DecodeBudget, prepare_one
 from inference.worker.models import ModelShelf
 from inference.worker.protocol import WorkerConfig
 from inference.worker.resources import worker_threads
@@ -60,6 +61,7 @@ class TaskReplica:
         #: Its models, loaded and kept by the worker processes' rules.
         self._models = ModelShelf(config)
         self._limits = config.image_limits()
+        self._decode_budget = DecodeBudget(self._limits.max_decode_bytes)
         self._load_lock = threading.Lock()
         #: Why the configured model could not load last time; None once it did.
         self._load_error: InferenceError | None = None
@@ -133,15 +135,7 @@ class TaskReplica:
         return [outcome or Outcome(error=InferenceError("The model returned no result.")) for outcome in outcomes]
 
     def _prepare(self, pipeline: Any, data: bytes) -> Any:
-        from inference.images import decode_image
-
-        try:
-            return pipeline.preprocess(decode_image(data, self._limits, draft_size=pipeline.draft_size))
-        except InferenceError as error:
-            return error
-        except Exception:
-            logger.exception("preparing a %s request failed", self.config.task)
-            return InferenceError("That image could not be decoded.")
+        return prepare_one(pipeline, data, self._limits, self._decode_budget, task=self.config.task)
 
     def _chunks(self, pipeline: Any, ready: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
         """Equal shapes go through the model together where `ModelShelf.stacks` says so (the

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from config import Settings
 from inference.errors import InferenceError, ModelUnavailable, WorkerCrashed
+from inference.service.ceilings import memory_ceiling_mb
 from inference.service.types import ModelState
 from inference.tasks import TaskSpec
 from inference.worker import Load, StateChanged, WorkerConfig, WorkerHandle
@@ -91,6 +92,8 @@ class WorkerSupervisor:
         self.state = ModelState(self.task, spec.default_model(settings), "idle")
         self.memory_bytes: int | None = None
         self.peak_memory_bytes = 0
+        #: What the current worker said it needs with its models loaded (None: not said).
+        self.memory_need_bytes: int | None = None
         self.starts = 0
         self.crashes = 0
         #: Seconds from the current worker's process start to its model ready; None until ready.
@@ -148,7 +151,7 @@ class WorkerSupervisor:
         if worker is not None:
             await self.loop.run_in_executor(None, worker.stop)
             if self.worker is worker:  # its exit report may still be on its way: it is gone now
-                self.worker, self.memory_bytes = None, None
+                self.worker, self.memory_bytes, self.memory_need_bytes = None, None, None
         if self._watchdog is not None:
             self._watchdog.cancel()
         self._set(state="idle", error="")
@@ -165,6 +168,10 @@ class WorkerSupervisor:
                     logger.warning("killing the %s worker: %s", self.task, self._kill.error)
                     worker.kill()
 
+    def memory_ceiling_mb(self) -> int:
+        """The worker's ceiling now (`inference.service.ceilings`; 0: none)."""
+        return memory_ceiling_mb(self.spec, self.settings, self.memory_need_bytes)
+
     def judge(self, worker: WorkerHandle) -> Kill | None:
         """Why this worker must go now, if it must."""
         now = worker_clock()
@@ -172,7 +179,7 @@ class WorkerSupervisor:
         if rss is not None:
             self.memory_bytes = rss
             self.peak_memory_bytes = max(self.peak_memory_bytes, rss)
-            limit_mb = self.spec.memory_limit_mb(self.settings)
+            limit_mb = self.memory_ceiling_mb()
             if 0 < limit_mb < rss / _MB:
                 message = (
                     f"The {self.task} model needed more memory than it may use ({rss / _MB:.0f} MB; the limit "
@@ -204,6 +211,9 @@ class WorkerSupervisor:
         if message.state == "loading":
             self._enter_loading()
             self._set(error=message.error)
+            # A model loading (a second one: a style) holds more than the last need said, and
+            # loading peaks above what it keeps: the fixed ceiling until it reports again.
+            self.memory_need_bytes = None
         else:
             self._set(state=message.state, error=message.error)
         if message.state == "ready" and self.startup_s is None:
@@ -212,6 +222,8 @@ class WorkerSupervisor:
             self._set(model=message.model)
         if message.runtime:
             self._set(runtime=message.runtime)
+        if message.memory_need:
+            self.memory_need_bytes = message.memory_need
         if message.device:
             self._set(device=message.device)
             self.listener.on_device(message.device)
@@ -222,7 +234,7 @@ class WorkerSupervisor:
         if worker is not self.worker:
             return
         self.worker = None
-        self.memory_bytes = None
+        self.memory_bytes = self.memory_need_bytes = None
         kill, self._kill = self._kill, None
         if worker.stopping:
             self._set(state="idle", error="")

@@ -102,6 +102,10 @@ class TaskStats:
     #: The worker's resident memory when last looked at, and the most seen, in MB.
     worker_memory_mb: float | None = None
     worker_peak_memory_mb: float | None = None
+    #: What the worker said it needs with its models loaded (None: not said), and the ceiling
+    #: the watchdog holds it to now (0: none; `inference.service.ceilings`), in MB.
+    worker_memory_need_mb: float | None = None
+    worker_memory_ceiling_mb: int = 0
 
 
 @dataclass(frozen=True)

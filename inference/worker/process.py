@@ -7,7 +7,8 @@ once, out of band) and the model's thread works through the batches: load the mo
 (+ draft) and preprocess every image of the batch, run the model, send the results.
 
 How decoding meets the model depends on the device; measured with inference/bench.py:
-- CPU: the images of a batch are decoded side by side on all cores, *between* model calls.
+- CPU: the images of a batch are decoded side by side on all cores, *between* model calls, as
+  many at once as fit in the worker's decode budget (DECODE_MEMORY_MB, `inference.worker.decoding`).
   Decoding *beside* the model (a pipeline thread) was slower: torch's thread team then shares
   the cores with the decoder, and each of its barriers waits for a descheduled thread.
 - GPU: a prepare thread decodes batch N+1 while the GPU runs batch N, so the GPU never waits
@@ -35,12 +36,14 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from inference.errors import InferenceError
+from inference.worker.decoding import DecodeBudget, HeldImage, decode_held, prepare_held
 from inference.worker.protocol import (
     Batch,
     BatchHeader,
@@ -99,6 +102,8 @@ class _Worker:
         self.models = ModelShelf(config)
         self.overlap_decoding = self.models.device_type == "cuda"
         self.limits = config.image_limits()
+        #: What the decoder threads may hold at once (one batch is prepared at a time).
+        self.decode_budget = DecodeBudget(self.limits.max_decode_bytes)
         self.decoders = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="worker-decode")
         self.inbox: queue.SimpleQueue[Batch | Load | None] = queue.SimpleQueue()
         # GPU only: one batch prepared ahead of the model, no more (bounded memory, and a
@@ -193,7 +198,8 @@ class _Worker:
         # The task's state names its configured model (`/status`, `models()`), not one beside it.
         name = str(getattr(pipeline, "name", self.task)) if pipeline is self.pipelines.get(self.config.model) else ""
         runtime = self.models.runtimes.get(self.config.model, "") if name else ""
-        return StateChanged("ready", model=name, device=self.models.device_type, runtime=runtime)
+        need = self.models.memory_need() or 0
+        return StateChanged("ready", model=name, device=self.models.device_type, runtime=runtime, memory_need=need)
 
     def _prepare(self, batch: Batch) -> _Prepared:
         prepared = _Prepared(batch.batch_id, threads=batch.threads)
@@ -210,40 +216,38 @@ class _Worker:
                 continue
             prepared.pipelines[model_name] = pipeline
             self._use_threads(batch.threads)  # the decoders' and the preprocessing's share
-            # Pillow decodes with the GIL released: the images of a batch decode side by side.
-            # Preprocessing (torch ops) stays on this thread: torch ops called from the decoder
-            # threads would start thread teams of their own, and with more OpenMP threads than
-            # cores the model's team stops spinning and sleeps at every barrier.
-            decode = functools.partial(self._decode, draft_size=pipeline.draft_size)
-            images = self.decoders.map(decode, todo) if len(todo) > 1 else map(decode, todo)
-            for item, image in zip(todo, images):
-                outcome = image if isinstance(image, InferenceError) else self._preprocess(pipeline, image)
+            # Pillow decodes with the GIL released: the images of a batch decode side by side, as
+            # many as fit in the decode budget.  Preprocessing (torch ops) stays on this thread:
+            # torch ops called from the decoder threads would start thread teams of their own,
+            # and with more OpenMP threads than cores the model's team stops spinning and sleeps
+            # at every barrier.  It frees each image's share of the budget.
+            outcomes: list[Any] = [None] * len(todo)
+            for index, held in self._decoded(todo, pipeline.draft_size):
+                outcomes[index] = prepare_held(pipeline, held, self.decode_budget, task=self.task)
+            for item, outcome in zip(todo, outcomes):  # in the batch's order, however they finished
                 if isinstance(outcome, InferenceError):
                     prepared.failed.append(Outcome(item.request_id, error=outcome))
                 else:
                     prepared.ready.append((item.request_id, outcome, item.options))
         return prepared
 
-    def _decode(self, item: WorkItem, draft_size: tuple[int, int] | None) -> Any:
-        """One image decoded (RGB, drafted down for the model), or the error to send back."""
-        from inference.images import decode_image
+    def _decoded(
+        self, todo: list[WorkItem], draft_size: tuple[int, int] | None
+    ) -> Iterator[tuple[int, HeldImage | InferenceError]]:
+        """(index in `todo`, its decoded image or error), as decodes finish.
 
-        try:
-            return decode_image(item.image, self.limits, draft_size=draft_size)
-        except InferenceError as error:
-            return error
-        except Exception:
-            logger.exception("decoding a %s request failed", self.task)
-            return InferenceError("That image could not be decoded.")
-
-    def _preprocess(self, pipeline: Any, image: Any) -> Any:
-        try:
-            return pipeline.preprocess(image)
-        except InferenceError as error:
-            return error
-        except Exception:
-            logger.exception("preprocessing a %s request failed", self.task)
-            return InferenceError("That image could not be prepared for the model.")
+        In the order they finish, not the batch's: image 0 may wait for the budget that image 1
+        holds, and only taking image 1 on frees it.
+        """
+        decode = functools.partial(
+            decode_held, limits=self.limits, budget=self.decode_budget, draft_size=draft_size, task=self.task
+        )
+        if len(todo) == 1:  # no thread hand-off for one image
+            yield 0, decode(todo[0].image)
+            return
+        futures = {self.decoders.submit(decode, item.image): index for index, item in enumerate(todo)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
     def _use_threads(self, threads: int) -> None:
         """Run with the batch's grant of the service's core budget: the model's threads (set on

@@ -45,6 +45,7 @@ class WorkerConfig:
     max_image_pixels: int
     max_image_aspect_ratio: float
     max_jpeg_scans: int
+    decode_memory_mb: int
     # What the model loaders read.
     weights_dir: Path
     auto_download: bool
@@ -65,6 +66,7 @@ class WorkerConfig:
             max_image_pixels=settings.max_image_pixels,
             max_image_aspect_ratio=settings.max_image_aspect_ratio,
             max_jpeg_scans=settings.max_jpeg_scans,
+            decode_memory_mb=settings.decode_memory_mb,
             weights_dir=settings.weights_dir,
             auto_download=settings.auto_download,
             trust_hub_repos=settings.trust_hub_repos,
@@ -82,6 +84,7 @@ class WorkerConfig:
             max_pixels=self.max_image_pixels,
             max_aspect_ratio=self.max_image_aspect_ratio,
             max_jpeg_scans=self.max_jpeg_scans,
+            max_decode_bytes=self.decode_memory_mb * 1024 * 1024,
         )
 
     def loader_settings(self) -> Settings:
@@ -95,6 +98,7 @@ class WorkerConfig:
             max_image_pixels=self.max_image_pixels,
             max_image_aspect_ratio=self.max_image_aspect_ratio,
             max_jpeg_scans=self.max_jpeg_scans,
+            decode_memory_mb=self.decode_memory_mb,
             weights_dir=self.weights_dir,
             auto_download=self.auto_download,
             trust_hub_repos=self.trust_hub_repos,
@@ -173,6 +177,9 @@ class StateChanged:
     device: str = ""
     #: What runs the configured model: "onnx" (ONNX Runtime) or "torch"; "" until loaded.
     runtime: str = ""
+    #: On "ready": bytes the worker needs with what it has loaded (resident now, plus what
+    #: running its models was measured to take: `ModelShelf.memory_need`); 0: not known.
+    memory_need: int = 0
 
 
 @dataclass(frozen=True)
