@@ -33,6 +33,8 @@ MEASURED_RUNS = 2
 def largest_input(pipeline: Any, task: str, settings: Settings) -> tuple[list[Any], list[dict[str, Any]]]:
     """The inputs and options of the task's most memory-hungry run of `pipeline` on the CPU."""
     spec = get_task(task)
+    # Photos whose short side is the size the model works at (its draft size), at each aspect:
+    # the preprocessing's own caps then decide which comes out largest.
     short_side = max(pipeline.draft_size or (256, 256))
     candidates = [pipeline.preprocess(Image.new("RGB", (round(short_side * aspect), short_side))) for aspect in ASPECTS]
     biggest = max(candidates, key=lambda tensor: input_elements([tensor]))
