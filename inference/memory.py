@@ -41,7 +41,7 @@ from inference.bench_modes import with_runtime
 from inference.errors import InferenceError, ModelUnavailable
 from inference.decode_cost import decode_cost
 from inference.images import ImageLimits
-from inference.runtime.needs import reset_peak
+from inference.runtime.needs import ProcFieldMissing, proc_kb, reset_peak
 from inference.service import TASKS, InferenceService
 
 _KB = 1024
@@ -204,15 +204,13 @@ def peak_resident_bytes(pid: int) -> int:
 
 
 def _proc_kb(pid: int, file: str, field: str) -> int:
-    """A "Field:  N kB" line of `/proc/PID/FILE`."""
+    """A "Field:  N kB" line of `/proc/PID/FILE`, or an `InferenceError` saying why not."""
     try:
-        with open(f"/proc/{pid}/{file}", encoding="ascii") as lines:
-            for line in lines:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+        return proc_kb(field, file=file, pid=pid)
+    except ProcFieldMissing as error:
+        raise InferenceError(str(error)) from None
     except OSError as error:
         raise InferenceError(f"Cannot read the memory of process {pid}: {error.strerror or error}.") from None
-    raise InferenceError(f"/proc/{pid}/{file} has no {field} line.")
 
 
 #: The largest legal image's shape: CycleGAN keeps its long side up to 4 × its short side.

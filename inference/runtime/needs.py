@@ -89,24 +89,31 @@ def measure_working_memory(pipeline: Any, task: str, settings: Settings, *, befo
     return WorkingMemory(max(0, peak_bytes() - start), input_elements(inputs))
 
 
-# --- this process's memory, from /proc (Linux) --------------------------------------------------
+# --- a process's memory, from /proc (Linux) ----------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
+class ProcFieldMissing(OSError):
+    """The /proc file was read but has no such line (an older kernel)."""
+
+
+def proc_kb(field: str, *, file: str = "status", pid: int | None = None) -> int:
+    """The "Field:  N kB" line of `/proc/PID/FILE`, of this process unless `pid` is given; an
+    `OSError` where it cannot be read, `ProcFieldMissing` where it has no such line."""
+    path = f"/proc/{pid or 'self'}/{file}"
+    with open(path, encoding="ascii") as lines:
+        for line in lines:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+    raise ProcFieldMissing(f"{path} has no {field} line.")
 
 
 def resident_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
+    return proc_kb("VmRSS") * 1024
 
 
 def peak_bytes() -> int:
     """The peak resident size since the process started or since `reset_peak`."""
-    return _status_kb("VmHWM") * 1024
+    return proc_kb("VmHWM") * 1024
 
 
 def reset_peak(pid: int | None = None) -> None:
